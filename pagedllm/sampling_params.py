@@ -1,0 +1,109 @@
+"""Per-request sampling parameters, spelled as vLLM spells them, validated once at creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completion(s).
+
+    Field names and meanings follow vLLM / the OpenAI API. ``temperature == 0`` is greedy.
+    ``logprobs`` / ``prompt_logprobs`` ask for that many top alternatives per position
+    (0 = only the chosen token); ``None`` = no logprobs.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    detokenize: bool = True
+    # Filled by the engine (not by users): the model's EOS ids from generation_config.
+    _all_stop_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+        self._all_stop_token_ids = set(self.stop_token_ids)
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"Invalid SamplingParams: {msg}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad(f"n must be an integer >= 1, got {self.n!r}.")
+        if self.temperature < 0.0:
+            raise bad(f"temperature must be >= 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad(f"top_k must be -1 (disabled), 0 (disabled) or >= 1, got {self.top_k!r}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not self.repetition_penalty > 0.0:
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})."
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise bad(f"{name} must be None or an integer >= 0, got {v!r}.")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad(f"seed must be an integer, got {self.seed!r}.")
+        assert isinstance(self.stop, list)
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise bad("stop strings must be non-empty strings.")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
+            raise bad("stop_token_ids must be non-negative integers.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def update_from_generation_config(self, eos_token_ids: set[int]) -> None:
+        """Record the model's EOS ids (stop the request unless ``ignore_eos``)."""
+        self._all_stop_token_ids = set(self.stop_token_ids or [])
+        if not self.ignore_eos:
+            self._all_stop_token_ids |= eos_token_ids
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        return self._all_stop_token_ids
