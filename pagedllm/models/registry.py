@@ -1,0 +1,25 @@
+"""Maps a Hugging Face ``architectures`` name to the pagedllm model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pagedllm.config import ModelConfig
+from pagedllm.models.llama import LlamaForCausalLM, MistralForCausalLM
+from pagedllm.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_cls(cfg: ModelConfig) -> type[nn.Module]:
+    if cfg.architecture not in MODEL_REGISTRY:
+        raise ValueError(
+            f"Model architecture {cfg.architecture!r} is not supported; supported "
+            f"architectures: {', '.join(sorted(MODEL_REGISTRY))}."
+        )
+    return MODEL_REGISTRY[cfg.architecture]
