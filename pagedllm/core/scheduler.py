@@ -1,0 +1,196 @@
+"""Token-budget scheduler without prefill/decode phases (the vLLM v1 idea).
+
+Every step, each running request is given the tokens it still needs (a prompt chunk or one
+decode token) within ``max_num_batched_tokens``, oldest first; then waiting requests are
+admitted (priority, then arrival order) while budget, ``max_num_seqs`` and KV blocks last.
+When the pool runs dry the newest running request is preempted: its blocks are freed and it
+is recomputed later (the prefix cache usually gives most of them back).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last token, so a new token is sampled."""
+        req = self.request
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int) -> None:
+        assert config.max_num_batched_tokens is not None and config.max_model_len is not None
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.chunked_prefill = config.enable_chunked_prefill
+        self.block_size = config.block_size
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- admission and removal -------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queue a request; raises ValueError if it could never fit in the KV pool."""
+        if req.request_id in self.requests:
+            raise ValueError(f"Request id {req.request_id!r} is already in use.")
+        longest = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
+        need = self.kv.max_blocks_for(longest)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"Request {req.group_id!r} needs up to {longest} tokens ({need} KV blocks) but the "
+                f"KV cache holds only {self.kv.pool.num_blocks} blocks of {self.block_size} "
+                "tokens; lower max_tokens or give the KV cache more memory."
+            )
+        self.requests[req.request_id] = req
+        bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Finish (e.g. abort) requests wherever they are; their blocks return to the pool."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            self.kv.free(req)
+            req.status = status
+            done.append(req)
+            for child in req.pending_forks:  # never started: finish with the parent
+                child.status = status
+                done.append(child)
+            req.pending_forks = []
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step --------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, num_new):
+                victim = self.running.pop()  # newest / lowest priority
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+            i += 1
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            num_seqs = 1 + len(req.pending_forks)
+            if self.running and len(self.running) + num_seqs > self.max_num_seqs:
+                break
+            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            num_cached = len(cached) * self.block_size
+            num_new = req.num_tokens - req.num_computed_tokens - num_cached
+            if num_new > budget:
+                if not self.chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate(req, num_new, cached):
+                break
+            self.waiting.pop(0)
+            req.num_computed_tokens += num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                self.kv.prefix_queries += req.num_prompt_tokens
+                self.kv.prefix_hits += num_cached
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=lambda r: r.sort_key)
+            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, fork n > 1 siblings, finish requests.
+
+        Returns every sequence that received a token (finished or not).
+        """
+        changed: list[Request] = []
+        for sched in out.scheduled:
+            req = sched.request
+            if req.is_finished:
+                continue
+            samples = sched.samples
+            req.num_computed_tokens += sched.num_new_tokens
+            self.kv.commit_computed(req)
+            if not samples:
+                continue
+            for child in req.pending_forks:
+                self.kv.fork(req, child)
+                child.status = RequestStatus.RUNNING
+                self.requests[child.request_id] = child
+                bisect.insort(self.running, child, key=lambda r: r.sort_key)
+                self._append(child, sampled[child.request_id])
+                changed.append(child)
+            req.pending_forks = []
+            self._append(req, sampled[req.request_id])
+            changed.append(req)
+        return changed
+
+    def _append(self, req: Request, token: int) -> None:
+        req.append_output_token(token)
+        params = req.params
+        if token in params.all_stop_token_ids and req.num_output_tokens >= params.min_tokens:
+            req.stop_reason = token if token in (params.stop_token_ids or []) else None
+            self.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH)
+
+    # ---- stats -----------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
