@@ -1,0 +1,175 @@
+"""The synchronous engine: validate and queue requests, then ``step()`` until done.
+
+One step = scheduler.schedule() -> model_runner.execute() -> scheduler.update_from_output()
+-> output_processor (detokenize, stop strings, logprobs) -> ``RequestOutput``s.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        assert config.tokenizer is not None and config.model is not None
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.generation_defaults = load_generation_defaults(config.model, self.tokenizer)
+        self.runner = ModelRunner(config)
+        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
+        self._pending_finished: list[Request] = []
+        self._next_id = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
+        return cls(EngineConfig(**kwargs))
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults applied."""
+        return SamplingParams(**self.generation_defaults.sampling)
+
+    # ---- requests ----------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id - 1)
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError if the request can't run; return its effective max_tokens."""
+        vocab = self.config.model_config.vocab_size
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if not prompt_ids:
+            raise ValueError("The prompt is empty; at least one prompt token is required.")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"Prompt token ids must be in [0, {vocab}) (the model's vocab size).")
+        if len(prompt_ids) >= max_len:
+            raise ValueError(
+                f"The prompt has {len(prompt_ids)} tokens, but max_model_len is {max_len}: "
+                f"prompts may have at most {max_len - 1} tokens to leave room for output."
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} exceeds the vocabulary size ({vocab}).")
+        room = max_len - len(prompt_ids)
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Validate and queue one request (n sequences). Nothing is queued if it raises."""
+        request_id = request_id if request_id is not None else self.new_request_id()
+        if request_id in self._groups:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        params = copy.copy(params) if params is not None else self.default_sampling_params()
+        params.update_from_generation_config(self.generation_defaults.eos_token_ids)
+        prompt_ids = self.tokenize(prompt)
+        max_tokens = self.validate(prompt_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.config.torch_device).manual_seed(params.seed + i)
+            seqs.append(
+                Request(
+                    request_id=request_id if i == 0 else f"{request_id}#{i}",
+                    prompt_token_ids=prompt_ids,
+                    params=params,
+                    max_tokens=max_tokens,
+                    group_id=request_id,
+                    index=i,
+                    priority=priority,
+                    arrival_time=arrival,
+                    generator=gen,
+                )
+            )
+        seqs[0].pending_forks = seqs[1:]
+        self.scheduler.add_request(seqs[0])  # raises if it can never fit
+        self._groups[request_id] = [s.request_id for s in seqs]
+        self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
+        return request_id
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        seq_ids = [sid for rid in ids for sid in self._groups.get(rid, [])]
+        done = self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        self._pending_finished.extend(done)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        op = self.output_processor
+        if self._pending_finished:
+            op.finish(self._pending_finished)
+            self._pending_finished = []
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            now = time.monotonic()
+            for s in sched.scheduled:
+                if s.request.first_scheduled_time is None:
+                    s.request.first_scheduled_time = now
+            result = self.runner.execute(sched)
+            changed = self.scheduler.update_from_output(sched, result.sampled)
+            for sid, (start, entries) in result.prompt_logprobs.items():
+                op.add_prompt_logprobs(sid, start, entries)  # leader: sequence id == group id
+            stopped = op.process_tokens(changed, result.logprobs)
+            if stopped:
+                done = self.scheduler.finish_requests(
+                    [s.request_id for s in stopped], RequestStatus.FINISHED_STOPPED
+                )
+                op.finish(done)
+        elif self.scheduler.has_unfinished_requests():
+            raise RuntimeError("Scheduler made no progress with requests pending (engine bug).")
+        outputs = op.collect()
+        for out in outputs:
+            if out.finished:
+                self._groups.pop(out.request_id, None)
+        return outputs
+
+    # ---- stats -------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        kv = self.scheduler.kv
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": kv.usage,
+            "prefix_cache_queries": kv.prefix_queries,
+            "prefix_cache_hits": kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_kv_blocks": kv.pool.num_blocks,
+        }

@@ -1,0 +1,179 @@
+"""Turns per-step sequence updates into user-facing ``RequestOutput``s.
+
+Keeps one ``RequestState`` per user request (n sequences): detokenizes new tokens, applies
+stop strings, collects logprobs and prompt logprobs, and stamps timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    SampleLogprobs,
+)
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.model_runner import TokenLogprobs
+
+
+@dataclass
+class SequenceState:
+    seq: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: SampleLogprobs | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[SequenceState]
+    prompt_logprobs: PromptLogprobs | None
+    metrics: RequestMetrics
+    changed: bool = False
+    cached: int = field(default=0)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def to_output(self) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.seq.index,
+                text=s.detokenizer.output_text,
+                token_ids=list(s.seq.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=s.logprobs,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in self.seqs
+        ]
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=self.prompt_logprobs,
+            outputs=outs,
+            finished=self.finished,
+            num_cached_tokens=max(self.seqs[0].seq.num_cached_tokens, 0),
+            metrics=self.metrics,
+        )
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(self, prompt: str | None, seqs: list[Request]) -> None:
+        lead = seqs[0]
+        params = lead.params
+        want_lp = params.logprobs is not None
+        prompt_lp: PromptLogprobs | None = None
+        if params.prompt_logprobs is not None:
+            prompt_lp = [None] * lead.num_prompt_tokens
+        self.states[lead.group_id] = RequestState(
+            request_id=lead.group_id,
+            prompt=prompt,
+            prompt_token_ids=lead.prompt_token_ids,
+            params=params,
+            seqs=[
+                SequenceState(
+                    s,
+                    IncrementalDetokenizer(self.tokenizer, s.prompt_token_ids, s.params),
+                    [] if want_lp else None,
+                    0.0 if want_lp else None,
+                )
+                for s in seqs
+            ],
+            prompt_logprobs=prompt_lp,
+            metrics=RequestMetrics(arrival_time=lead.arrival_time),
+        )
+
+    def _entry(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        entry: dict[int, Logprob] = {}
+        ranks = [lp.rank] + list(range(1, len(lp.token_ids)))
+        for tok, val, rank in zip(lp.token_ids, lp.logprobs, ranks, strict=True):
+            if tok not in entry:
+                entry[tok] = Logprob(val, rank, self.tokenizer.decode([tok]))
+        return entry
+
+    def add_prompt_logprobs(self, group_id: str, start: int, entries: list[TokenLogprobs]) -> None:
+        state = self.states.get(group_id)
+        if state is None or state.prompt_logprobs is None:
+            return
+        for i, lp in enumerate(entries):  # position p predicts prompt token p + 1
+            state.prompt_logprobs[start + i + 1] = self._entry(lp)
+
+    def process_tokens(
+        self, seqs: list[Request], logprobs: dict[str, TokenLogprobs]
+    ) -> list[Request]:
+        """Detokenize each sequence's newest token. Returns sequences a stop string ended."""
+        now = time.monotonic()
+        stopped: list[Request] = []
+        for seq in seqs:
+            state = self.states[seq.group_id]
+            ss = state.seqs[seq.index]
+            state.changed = True
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            if seq.first_scheduled_time is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = seq.first_scheduled_time
+            token = seq.output_token_ids[-1]
+            lp = logprobs.get(seq.request_id)
+            if lp is not None and ss.logprobs is not None and ss.cumulative_logprob is not None:
+                ss.logprobs.append(self._entry(lp))
+                ss.cumulative_logprob += lp.logprobs[0]
+            stop_terminated = (
+                seq.status == RequestStatus.FINISHED_STOPPED
+                and token in seq.params.all_stop_token_ids
+            )
+            matched = ss.detokenizer.update([token], stop_terminated)
+            if matched is not None and not seq.is_finished:
+                ss.stop_reason = matched
+                stopped.append(seq)
+            elif seq.is_finished:
+                ss.finish_reason = seq.status.finish_reason
+                ss.stop_reason = seq.stop_reason
+        return stopped
+
+    def finish(self, seqs: list[Request]) -> None:
+        """Record finishes decided outside ``process_tokens`` (aborts, stop strings)."""
+        for seq in seqs:
+            state = self.states.get(seq.group_id)
+            if state is None:
+                continue
+            ss = state.seqs[seq.index]
+            ss.finish_reason = seq.status.finish_reason
+            if seq.status != RequestStatus.FINISHED_STOPPED:
+                ss.stop_reason = None
+            state.changed = True
+
+    def collect(self) -> list[RequestOutput]:
+        """Outputs of every request that changed this step; finished ones are dropped."""
+        outs: list[RequestOutput] = []
+        now = time.monotonic()
+        for rid in [rid for rid, s in self.states.items() if s.changed]:
+            state = self.states[rid]
+            state.changed = False
+            if state.finished:
+                state.metrics.finished_time = now
+                del self.states[rid]
+            outs.append(state.to_output())
+        return outs

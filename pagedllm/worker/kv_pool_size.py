@@ -1,0 +1,92 @@
+"""How many KV blocks to allocate: an explicit count, a byte budget, or a profiled GPU share."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedllm.config import EngineConfig
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_BYTES = 2 * 2**30
+
+
+def _blocks_for_all_seqs(config: EngineConfig) -> int:
+    assert config.max_model_len is not None
+    per_seq = -(-config.max_model_len // config.block_size)
+    return per_seq * config.max_num_seqs
+
+
+def determine_num_blocks(config: EngineConfig, runner: ModelRunner) -> int:
+    """Explicit ``num_gpu_blocks`` > ``kv_cache_memory_bytes`` > device-based default.
+
+    On CUDA the default is ``gpu_memory_utilization`` of the card minus what the weights and a
+    profiled forward pass of ``max_num_batched_tokens`` tokens take. On CPU it is 2 GiB, capped
+    at what ``max_num_seqs`` full-length sequences could ever use.
+    """
+    per_block = config.kv_bytes_per_block
+    if config.num_gpu_blocks is not None:
+        return config.num_gpu_blocks
+    if config.kv_cache_memory_bytes is not None:
+        n = config.kv_cache_memory_bytes // per_block
+        if n < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} is less than one KV block "
+                f"({per_block} bytes)."
+            )
+        return n
+    if config.torch_device.type != "cuda":
+        return max(1, min(_CPU_DEFAULT_BYTES // per_block, _blocks_for_all_seqs(config)))
+    return _profile_cuda(config, runner, per_block)
+
+
+def _profile_cuda(config: EngineConfig, runner: ModelRunner, per_block: int) -> int:
+    from pagedllm.core.request import Request
+    from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
+    from pagedllm.sampling_params import SamplingParams
+
+    assert config.max_num_batched_tokens is not None and config.max_model_len is not None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    # A dummy step of max_num_batched_tokens tokens in sequences of at most max_model_len.
+    seq_len = min(config.max_num_batched_tokens, config.max_model_len)
+    n_seqs = max(1, config.max_num_batched_tokens // seq_len)
+    blocks_per_seq = -(-seq_len // config.block_size)
+    mc = config.model_config
+    shape = (2, blocks_per_seq * n_seqs, config.block_size, mc.num_key_value_heads, mc.head_dim)
+    for layer in runner.attn_layers:
+        layer.kv_cache = torch.zeros(shape, dtype=config.torch_dtype, device=config.torch_device)
+    sched = SchedulerOutput()
+    params = SamplingParams(temperature=0.0)
+    for i in range(n_seqs):
+        req = Request(f"profile-{i}", [0] * seq_len, params, max_tokens=1)
+        table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+        sched.scheduled.append(ScheduledRequest(req, seq_len, table))
+    runner.execute(sched)
+    torch.cuda.synchronize()
+    for layer in runner.attn_layers:
+        layer.kv_cache = torch.empty(0)
+    torch.cuda.empty_cache()
+    peak = torch.cuda.max_memory_allocated()
+    free, total = torch.cuda.mem_get_info()
+    non_torch = total - free - torch.cuda.memory_reserved()
+    budget = total * config.gpu_memory_utilization - peak - max(non_torch, 0)
+    n = int(budget // per_block)
+    logger.info(
+        "GPU memory: total %.2f GiB, utilization %.2f, weights+activations peak %.2f GiB, "
+        "other %.2f GiB -> %d KV blocks (%.2f GiB)",
+        total / 2**30, config.gpu_memory_utilization, peak / 2**30, non_torch / 2**30,
+        n, n * per_block / 2**30,
+    )
+    if n < 1:
+        raise ValueError(
+            "No GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
+            "max_num_batched_tokens / max_model_len."
+        )
+    return n

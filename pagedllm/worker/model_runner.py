@@ -1,0 +1,198 @@
+"""Runs one scheduled step on the device: builds flat inputs, runs the model, samples.
+
+Owns the model, the KV cache tensors (one [2, num_blocks, block_size, Hkv, D] per layer) and
+the sampler. Inputs are built from the scheduler's requests; logits are computed only for the
+rows that are sampled or whose prompt logprobs were asked for. One host sync per step reads
+back the sampled ids (and logprobs when asked).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
+from pagedllm.layers.attention.layer import Attention
+from pagedllm.models.loader import load_model
+from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
+from pagedllm.sample.sampler import Sampler, compute_logprobs
+from pagedllm.worker.kv_pool_size import determine_num_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one position: the chosen token first, then the top-k alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)  # sequence id -> new token
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # sequence id -> (first prompt position these cover, one entry per position)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+def _rows(ids: torch.Tensor, lps: torch.Tensor, ranks: torch.Tensor, ks: list[int]) -> list:
+    ids_l, lps_l, ranks_l = ids.tolist(), lps.tolist(), ranks.tolist()
+    return [
+        TokenLogprobs(ids_l[i][: 1 + k], lps_l[i][: 1 + k], ranks_l[i]) for i, k in enumerate(ks)
+    ]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.block_size = config.block_size
+        self.model = load_model(config)
+        mc = config.model_config
+        self.vocab_size = mc.vocab_size
+        backend_cls = get_backend_cls(config.attention_backend, self.device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attn_layers:
+            layer.backend = backend_cls(layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale)
+        self.sampler = Sampler()
+        self.num_blocks = determine_num_blocks(config, self)
+        shape = (2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=config.torch_dtype, device=self.device)
+            for _ in self.attn_layers
+        ]
+        for layer, cache in zip(self.attn_layers, self.kv_caches, strict=True):
+            layer.kv_cache = cache
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
+            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            self.num_blocks * config.kv_bytes_per_block / 2**20,
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        if not sched.scheduled:
+            return out
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        logit_rows: list[int] = []  # hidden rows whose logits are needed
+        sample_rows: list[SamplingRow] = []
+        sample_src: list[int] = []  # index into logit_rows for each sample row
+        sample_ids: list[str] = []
+        prompt_lp: list[tuple[str, int, int]] = []  # sequence id, first position, count
+        prompt_rows: list[int] = []  # index into logit_rows per prompt position
+        prompt_targets: list[int] = []
+        bs = self.block_size
+        for s in sched.scheduled:
+            req = s.request
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            row0 = len(input_ids)
+            input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = s.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(len(input_ids))
+            seq_lens.append(end)
+            block_tables.append(table)
+            k = req.params.prompt_logprobs
+            if k is not None and req.index == 0 and start < req.num_prompt_tokens - 1:
+                stop = min(end, req.num_prompt_tokens - 1)
+                prompt_lp.append((req.request_id, start, stop - start))
+                prompt_rows.extend(range(len(logit_rows), len(logit_rows) + stop - start))
+                logit_rows.extend(range(row0, row0 + stop - start))
+                prompt_targets.extend(req.prompt_token_ids[start + 1 : stop + 1])
+            if s.samples:
+                logit_rows.append(len(input_ids) - 1)
+                for seq in (req, *req.pending_forks):
+                    sample_rows.append(
+                        SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids,
+                                    seq.generator)
+                    )
+                    sample_src.append(len(logit_rows) - 1)
+                    sample_ids.append(seq.request_id)
+
+        dev = self.device
+        max_blocks = max(len(t) for t in block_tables)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(
+                [t + [0] * (max_blocks - len(t)) for t in block_tables],
+                dtype=torch.int32, device=dev,
+            ),
+            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:], strict=False)),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            meta,
+        )
+        if not logit_rows:
+            return out
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
+
+        if sample_rows:
+            self._sample(logits, sample_rows, sample_src, sample_ids, out)
+        if prompt_lp:
+            self._prompt_logprobs(logits[torch.tensor(prompt_rows, device=dev)], prompt_lp,
+                                  prompt_targets, sched, out)
+        return out
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        src: list[int],
+        ids: list[str],
+        out: ModelRunnerOutput,
+    ) -> None:
+        row_logits = logits[torch.tensor(src, device=self.device)]
+        meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
+        res = self.sampler(row_logits, meta)
+        tokens = res.sampled_token_ids.tolist()
+        for seq_id, tok in zip(ids, tokens, strict=True):
+            out.sampled[seq_id] = tok
+        if res.logprob_token_ids is None:
+            return
+        assert res.logprobs is not None and res.sampled_token_ranks is not None
+        ks = [r.params.logprobs if r.params.logprobs is not None else -1 for r in rows]
+        entries = _rows(res.logprob_token_ids, res.logprobs, res.sampled_token_ranks, ks)
+        for seq_id, k, entry in zip(ids, ks, entries, strict=True):
+            if k >= 0:
+                out.logprobs[seq_id] = entry
+
+    def _prompt_logprobs(
+        self,
+        logits: torch.Tensor,
+        spans: list[tuple[str, int, int]],
+        targets: list[int],
+        sched: SchedulerOutput,
+        out: ModelRunnerOutput,
+    ) -> None:
+        """``logits`` row j predicts ``targets[j]``, the prompt token after that position."""
+        k_of = {s.request.request_id: s.request.params.prompt_logprobs for s in sched.scheduled}
+        num_top = max(k or 0 for k in k_of.values())
+        ids, lps, ranks = compute_logprobs(
+            logits, torch.tensor(targets, device=self.device), num_top
+        )
+        entries = _rows(ids, lps, ranks, [k_of[sid] or 0 for sid, _, n in spans for _ in range(n)])
+        pos = 0
+        for sid, start, n in spans:
+            out.prompt_logprobs[sid] = (start, entries[pos : pos + n])
+            pos += n
