@@ -1,0 +1,179 @@
+"""Per-step sampling metadata: the batch's ``SamplingParams`` turned into device tensors.
+
+``SamplingMetadata.build`` runs once per engine step on the host. It packs every per-row
+knob into a ``[B]`` tensor on the logits' device and records batch-wide flags
+(``all_greedy``, ``no_penalties``, ``no_top_k`` ...) so the sampler can skip whole stages that
+no row uses. Token histories needed by the penalties are packed into right-padded
+``[B, L]`` int64 tensors whose padding id is ``vocab_size`` (one past the vocabulary): the
+sampler scatters into ``V + 1`` columns and drops the last one, so padding costs nothing.
+
+Rows that are greedy never use temperature / top-k / top-p / min-p / generators, so those
+settings are neutralised for them (and ignored when computing the flags).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits to sample from (one sequence at its current decode position)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far for this sequence
+    generator: torch.Generator | None  # set iff params.seed is not None; owned by the request
+
+
+@dataclass
+class SamplingMetadata:
+    """Tensors (on the logits' device) and flags describing how to sample one batch.
+
+    Per-row tensors have shape ``[B]``. Disabled settings hold neutral values:
+    ``top_k == vocab_size``, ``top_p == 1``, ``min_p == 0``, ``temperature == 1`` (greedy rows).
+    Optional tensors are ``None`` when the corresponding ``no_*`` / ``all_greedy`` flag says
+    the stage is skipped.
+    """
+
+    vocab_size: int
+    all_greedy: bool
+    all_random: bool
+    greedy_mask: torch.Tensor  # [B] bool, True = take argmax
+    temperature: torch.Tensor | None  # [B] float32; None if all greedy or all random temps == 1
+    top_k: torch.Tensor | None  # [B] int64 in [1, V]; V = disabled; None if no_top_k
+    max_top_k: int  # largest enabled top_k in the batch (0 if no_top_k)
+    top_p: torch.Tensor | None  # [B] float32; None if no_top_p
+    min_p: torch.Tensor | None  # [B] float32; None if no_min_p
+    generators: dict[int, torch.Generator]  # row index -> generator (random seeded rows only)
+    # Penalties.
+    no_penalties: bool
+    has_repetition_penalty: bool
+    has_output_penalties: bool  # any presence/frequency penalty
+    repetition_penalties: torch.Tensor | None  # [B] float32
+    presence_penalties: torch.Tensor | None  # [B] float32
+    frequency_penalties: torch.Tensor | None  # [B] float32
+    prompt_token_ids: torch.Tensor | None  # [B, Lp] int64, padded with vocab_size
+    output_token_ids: torch.Tensor | None  # [B, Lo] int64, padded with vocab_size
+    # min_tokens: (row, token) coordinates whose logits are forced to -inf this step.
+    min_tokens_rows: torch.Tensor | None  # [M] int64
+    min_tokens_tokens: torch.Tensor | None  # [M] int64
+    # Logprobs: max `logprobs` requested by any row (None = no row asked).
+    max_num_logprobs: int | None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.greedy_mask.shape[0])
+
+    @property
+    def no_top_k(self) -> bool:
+        return self.top_k is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_p is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.min_p is None
+
+    @property
+    def no_min_tokens(self) -> bool:
+        return self.min_tokens_rows is None
+
+    @classmethod
+    def build(
+        cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str
+    ) -> SamplingMetadata:
+        """Pack ``rows`` into tensors on ``device`` (one host->device copy per tensor)."""
+        device = torch.device(device)
+        v = vocab_size
+        greedy = [r.params.greedy for r in rows]
+        random_rows = [r for r, g in zip(rows, greedy, strict=True) if not g]
+        all_greedy = not random_rows
+        all_random = not any(greedy)
+
+        def f32(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        temps = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
+        temperature = None if all(t == 1.0 for t in temps) else f32(temps)
+
+        ks = [
+            v if g or not 0 < r.params.top_k < v else r.params.top_k
+            for r, g in zip(rows, greedy, strict=True)
+        ]
+        enabled_ks = [k for k in ks if k < v]
+        top_k = torch.tensor(ks, dtype=torch.int64, device=device) if enabled_ks else None
+
+        ps = [1.0 if g else r.params.top_p for r, g in zip(rows, greedy, strict=True)]
+        top_p = f32(ps) if any(p < 1.0 for p in ps) else None
+
+        mps = [0.0 if g else r.params.min_p for r, g in zip(rows, greedy, strict=True)]
+        min_p = f32(mps) if any(m > 0.0 for m in mps) else None
+
+        generators = {
+            i: r.generator
+            for i, (r, g) in enumerate(zip(rows, greedy, strict=True))
+            if not g and r.generator is not None
+        }
+
+        reps = [r.params.repetition_penalty for r in rows]
+        pres = [r.params.presence_penalty for r in rows]
+        freqs = [r.params.frequency_penalty for r in rows]
+        has_rep = any(x != 1.0 for x in reps)
+        has_out = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freqs)
+        prompt_ids = _pad([r.prompt_token_ids for r in rows], v, device) if has_rep else None
+        output_ids = (
+            _pad([r.output_token_ids for r in rows], v, device) if has_rep or has_out else None
+        )
+
+        mt_rows: list[int] = []
+        mt_toks: list[int] = []
+        for i, r in enumerate(rows):
+            if len(r.output_token_ids) < r.params.min_tokens:
+                stops = sorted(t for t in r.params.all_stop_token_ids if 0 <= t < v)
+                mt_rows.extend([i] * len(stops))
+                mt_toks.extend(stops)
+        has_mt = bool(mt_rows)
+
+        requested = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+
+        return cls(
+            vocab_size=v,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            greedy_mask=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=None if all_greedy else temperature,
+            top_k=top_k,
+            max_top_k=max(enabled_ks, default=0),
+            top_p=top_p,
+            min_p=min_p,
+            generators=generators,
+            no_penalties=not (has_rep or has_out),
+            has_repetition_penalty=has_rep,
+            has_output_penalties=has_out,
+            repetition_penalties=f32(reps) if has_rep else None,
+            presence_penalties=f32(pres) if has_out else None,
+            frequency_penalties=f32(freqs) if has_out else None,
+            prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids,
+            min_tokens_rows=(
+                torch.tensor(mt_rows, dtype=torch.int64, device=device) if has_mt else None
+            ),
+            min_tokens_tokens=(
+                torch.tensor(mt_toks, dtype=torch.int64, device=device) if has_mt else None
+            ),
+            max_num_logprobs=max(requested) if requested else None,
+        )
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Right-pad token lists into a ``[B, max(1, L)]`` int64 tensor filled with ``pad_id``."""
+    width = max(1, max((len(s) for s in seqs), default=0))
+    padded = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
+    return torch.tensor(padded, dtype=torch.int64, device=device)
