@@ -97,6 +97,11 @@ class Sampler(torch.nn.Module):
     """Turns one step's ``[B, V]`` logits into sampled tokens (+ optional logprobs)."""
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if logits.shape[-1] != meta.vocab_size:
+            raise ValueError(
+                f"logits have {logits.shape[-1]} columns but metadata was built for "
+                f"vocab_size={meta.vocab_size}"
+            )
         raw = logits
         modifies = not (meta.no_min_tokens and meta.no_penalties and meta.all_greedy)
         # Own fp32 copy when we will edit the logits; the raw ones are kept for logprobs.
