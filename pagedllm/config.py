@@ -74,7 +74,9 @@ class ModelConfig:
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
-            sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+            sliding_window=raw.get("sliding_window")
+            if raw.get("use_sliding_window", True)
+            else None,
             hf_dtype=_DTYPES.get(str(dtype_name)) if dtype_name else None,
             raw=raw,
         )
@@ -161,7 +163,8 @@ class EngineConfig:
             raise bad(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = (
-                max(2048, self.max_num_seqs) if self.enable_chunked_prefill
+                max(2048, self.max_num_seqs)
+                if self.enable_chunked_prefill
                 else max(self.max_model_len, self.max_num_seqs)
             )
         if self.max_num_batched_tokens < 1:
@@ -186,4 +189,6 @@ class EngineConfig:
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.tensor([], dtype=self.torch_dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+        return (
+            2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+        )

@@ -79,9 +79,7 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise bad(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})."
-            )
+            raise bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):

@@ -96,7 +96,9 @@ class KVCacheManager:
         shared = self.req_blocks[parent.request_id][:k]
         self.pool.touch(shared)
         self.req_blocks[child.request_id] = list(shared)
-        self.num_registered[child.request_id] = min(self.num_registered.get(parent.request_id, 0), k)
+        self.num_registered[child.request_id] = min(
+            self.num_registered.get(parent.request_id, 0), k
+        )
         child.block_hashes = parent.block_hashes[:k]
         child.num_computed_tokens = k * self.block_size
 

@@ -29,7 +29,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_generation_defaults(model_dir: str, tokenizer: PreTrainedTokenizerBase) -> GenerationDefaults:
+def load_generation_defaults(
+    model_dir: str, tokenizer: PreTrainedTokenizerBase
+) -> GenerationDefaults:
     out = GenerationDefaults()
     gen_file = Path(model_dir) / "generation_config.json"
     raw: dict[str, Any] = json.loads(gen_file.read_text()) if gen_file.is_file() else {}

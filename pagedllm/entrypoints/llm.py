@@ -92,7 +92,9 @@ class LLM:
             for i, (item, params) in enumerate(zip(items, params_list, strict=True)):
                 prompt = item if not isinstance(item, dict) else _dict_prompt(item)
                 ids.append(
-                    engine.add_request(None, prompt, params, priority=priority[i] if priority else 0)
+                    engine.add_request(
+                        None, prompt, params, priority=priority[i] if priority else 0
+                    )
                 )
         except Exception:
             engine.abort_request(ids)  # nothing stays half-scheduled

@@ -35,7 +35,9 @@ class RotaryEmbedding(nn.Module):
         scaling: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        )
         positions = torch.arange(max_position, dtype=torch.float32)
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:

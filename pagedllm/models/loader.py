@@ -68,7 +68,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             raise ValueError(f"Checkpoint tensor {name} does not match any model parameter.")
         param = params[name]
         if param.shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
+            )
         param.data.copy_(tensor)
         loaded.add(name)
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))

@@ -81,8 +81,12 @@ def _profile_cuda(config: EngineConfig, runner: ModelRunner, per_block: int) -> 
     logger.info(
         "GPU memory: total %.2f GiB, utilization %.2f, weights+activations peak %.2f GiB, "
         "other %.2f GiB -> %d KV blocks (%.2f GiB)",
-        total / 2**30, config.gpu_memory_utilization, peak / 2**30, non_torch / 2**30,
-        n, n * per_block / 2**30,
+        total / 2**30,
+        config.gpu_memory_utilization,
+        peak / 2**30,
+        non_torch / 2**30,
+        n,
+        n * per_block / 2**30,
     )
     if n < 1:
         raise ValueError(

@@ -60,7 +60,9 @@ class ModelRunner:
         backend_cls = get_backend_cls(config.attention_backend, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attn_layers:
-            layer.backend = backend_cls(layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale)
+            layer.backend = backend_cls(
+                layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale
+            )
         self.sampler = Sampler()
         self.num_blocks = determine_num_blocks(config, self)
         shape = (2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
@@ -72,7 +74,9 @@ class ModelRunner:
             layer.kv_cache = cache
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
-            self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
             self.num_blocks * config.kv_bytes_per_block / 2**20,
         )
 
@@ -117,8 +121,9 @@ class ModelRunner:
                 logit_rows.append(len(input_ids) - 1)
                 for seq in (req, *req.pending_forks):
                     sample_rows.append(
-                        SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids,
-                                    seq.generator)
+                        SamplingRow(
+                            seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator
+                        )
                     )
                     sample_src.append(len(logit_rows) - 1)
                     sample_ids.append(seq.request_id)
@@ -131,7 +136,8 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(
                 [t + [0] * (max_blocks - len(t)) for t in block_tables],
-                dtype=torch.int32, device=dev,
+                dtype=torch.int32,
+                device=dev,
             ),
             max_query_len=max(b - a for a, b in zip(query_start, query_start[1:], strict=False)),
             max_seq_len=max(seq_lens),
@@ -150,8 +156,9 @@ class ModelRunner:
         if sample_rows:
             self._sample(logits, sample_rows, sample_src, sample_ids, out)
         if prompt_lp:
-            self._prompt_logprobs(logits[torch.tensor(prompt_rows, device=dev)], prompt_lp,
-                                  prompt_targets, sched, out)
+            self._prompt_logprobs(
+                logits[torch.tensor(prompt_rows, device=dev)], prompt_lp, prompt_targets, sched, out
+            )
         return out
 
     def _sample(

@@ -44,7 +44,7 @@ class TorchNativeBackend(AttentionBackend):
                 kpos = torch.arange(seq_len, device=q.device)
                 scores.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
-            out[start:end] = torch.matmul(probs, vals.transpose(0, 1).float()).transpose(0, 1).to(
-                q.dtype
+            out[start:end] = (
+                torch.matmul(probs, vals.transpose(0, 1).float()).transpose(0, 1).to(q.dtype)
             )
         return out
