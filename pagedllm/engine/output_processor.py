@@ -21,7 +21,7 @@ from pagedllm.outputs import (
     RequestOutput,
     SampleLogprobs,
 )
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 from pagedllm.worker.model_runner import TokenLogprobs
 
 
@@ -33,6 +33,33 @@ class SequenceState:
     cumulative_logprob: float | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_sent_tokens: int = 0  # for DELTA outputs
+
+    def completion(self, kind: RequestOutputKind) -> CompletionOutput:
+        finished = self.finish_reason is not None
+        if kind == RequestOutputKind.DELTA:
+            start = self.num_sent_tokens
+            self.num_sent_tokens = self.seq.num_output_tokens
+            text = self.detokenizer.get_next_output_text(finished, delta=True)
+            token_ids = self.seq.output_token_ids[start:]
+            logprobs = self.logprobs[start:] if self.logprobs is not None else None
+        else:
+            text = (
+                self.detokenizer.output_text
+                if finished
+                else self.detokenizer.get_next_output_text(False, delta=False)
+            )
+            token_ids = list(self.seq.output_token_ids)
+            logprobs = self.logprobs
+        return CompletionOutput(
+            index=self.seq.index,
+            text=text,
+            token_ids=token_ids,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
 
 
 @dataclass
@@ -52,18 +79,10 @@ class RequestState:
         return all(s.finish_reason is not None for s in self.seqs)
 
     def to_output(self) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=s.seq.index,
-                text=s.detokenizer.output_text,
-                token_ids=list(s.seq.output_token_ids),
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=s.logprobs,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in self.seqs
-        ]
+        kind = self.params.output_kind
+        outs = [s.completion(kind) for s in self.seqs]
+        if kind == RequestOutputKind.DELTA:  # only the sequences that moved
+            outs = [o for o in outs if o.token_ids or o.text or o.finish_reason] or outs[:1]
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -175,5 +194,7 @@ class OutputProcessor:
             if state.finished:
                 state.metrics.finished_time = now
                 del self.states[rid]
+            elif state.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
             outs.append(state.to_output())
         return outs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.tokenizer import apply_chat_template
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
@@ -91,6 +92,7 @@ class LLM:
         try:
             for i, (item, params) in enumerate(zip(items, params_list, strict=True)):
                 prompt = item if not isinstance(item, dict) else _dict_prompt(item)
+                params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
                 ids.append(
                     engine.add_request(
                         None, prompt, params, priority=priority[i] if priority else 0
