@@ -117,10 +117,12 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        # Sequences running now, plus the n > 1 siblings their leaders will fork.
+        num_seqs_running = sum(1 + len(r.pending_forks) for r in self.running)
         while self.waiting and budget > 0:
             req = self.waiting[0]
             num_seqs = 1 + len(req.pending_forks)
-            if self.running and len(self.running) + num_seqs > self.max_num_seqs:
+            if num_seqs_running and num_seqs_running + num_seqs > self.max_num_seqs:
                 break
             cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.block_size
@@ -138,6 +140,7 @@ class Scheduler:
                 self.kv.prefix_queries += req.num_prompt_tokens
                 self.kv.prefix_hits += num_cached
             req.status = RequestStatus.RUNNING
+            num_seqs_running += num_seqs
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
             budget -= num_new

@@ -42,6 +42,7 @@ def prompts(tiny_tokenizer) -> list[list[int]]:  # type: ignore[no-untyped-def]
         ("llama", {}),
         ("llama", {"sharded": True, "tie_word_embeddings": True}),
         ("llama3", {}),
+        ("llama3", {"config_style": "legacy"}),  # top-level rope_theta / rope_scaling
         ("mistral", {}),
         ("qwen2", {}),
         ("qwen3", {}),
