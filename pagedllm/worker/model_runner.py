@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
@@ -20,6 +22,7 @@ from pagedllm.layers.attention.layer import Attention
 from pagedllm.models.loader import load_model
 from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
+from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_pool_size import determine_num_blocks
 
 logger = logging.getLogger(__name__)
@@ -57,15 +60,17 @@ class ModelRunner:
         self.model = load_model(config)
         mc = config.model_config
         self.vocab_size = mc.vocab_size
-        backend_cls = get_backend_cls(config.attention_backend, self.device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        first = self.attn_layers[0]
+        self.backend = get_backend_cls(config.attention_backend, self.device)(
+            first.num_heads, first.num_kv_heads, first.head_dim, first.scale
+        )
         for layer in self.attn_layers:
-            layer.backend = backend_cls(
-                layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.scale
-            )
+            layer.backend = self.backend
         self.sampler = Sampler()
         self.num_blocks = determine_num_blocks(config, self)
-        shape = (2, self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        # One extra physical block past the pool: scratch for CUDA-graph padding rows.
+        shape = (2, self.num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=config.torch_dtype, device=self.device)
             for _ in self.attn_layers
@@ -79,15 +84,35 @@ class ModelRunner:
             self.num_blocks * self.block_size,
             self.num_blocks * config.kv_bytes_per_block / 2**20,
         )
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            assert config.max_model_len is not None
+            self.graphs = DecodeGraphs(
+                self._forward,
+                self.backend.prepare,
+                max_batch=min(config.max_num_seqs, 512),
+                max_blocks_per_seq=-(-config.max_model_len // self.block_size),
+                max_seq_len=config.max_model_len,
+                pad_block=self.num_blocks,
+                block_size=self.block_size,
+                device=self.device,
+            )
+            self.graphs.capture()
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
         if not sched.scheduled:
             return out
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        bs = self.block_size
+        ids_parts: list[list[int]] = []
+        pos_parts: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
         query_start = [0]
         seq_lens: list[int] = []
         block_tables: list[list[int]] = []
@@ -98,18 +123,18 @@ class ModelRunner:
         prompt_lp: list[tuple[str, int, int]] = []  # sequence id, first position, count
         prompt_rows: list[int] = []  # index into logit_rows per prompt position
         prompt_targets: list[int] = []
-        bs = self.block_size
         for s in sched.scheduled:
             req = s.request
             start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            row0 = len(input_ids)
-            input_ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            table = s.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(len(input_ids))
+            row0 = query_start[-1]
+            ids_parts.append(req.all_token_ids[start:end])
+            pos = np.arange(start, end, dtype=np.int64)
+            table = np.asarray(s.block_ids, dtype=np.int64)
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            query_start.append(row0 + end - start)
             seq_lens.append(end)
-            block_tables.append(table)
+            block_tables.append(s.block_ids)
             k = req.params.prompt_logprobs
             if k is not None and req.index == 0 and start < req.num_prompt_tokens - 1:
                 stop = min(end, req.num_prompt_tokens - 1)
@@ -118,7 +143,7 @@ class ModelRunner:
                 logit_rows.extend(range(row0, row0 + stop - start))
                 prompt_targets.extend(req.prompt_token_ids[start + 1 : stop + 1])
             if s.samples:
-                logit_rows.append(len(input_ids) - 1)
+                logit_rows.append(query_start[-1] - 1)
                 for seq in (req, *req.pending_forks):
                     sample_rows.append(
                         SamplingRow(
@@ -128,31 +153,13 @@ class ModelRunner:
                     sample_src.append(len(logit_rows) - 1)
                     sample_ids.append(seq.request_id)
 
-        dev = self.device
-        max_blocks = max(len(t) for t in block_tables)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(
-                [t + [0] * (max_blocks - len(t)) for t in block_tables],
-                dtype=torch.int32,
-                device=dev,
-            ),
-            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:], strict=False)),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta,
+        hidden = self._run_model(
+            ids_parts, pos_parts, slot_parts, query_start, seq_lens, block_tables
         )
         if not logit_rows:
             return out
+        dev = self.device
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
-
         if sample_rows:
             self._sample(logits, sample_rows, sample_src, sample_ids, out)
         if prompt_lp:
@@ -160,6 +167,44 @@ class ModelRunner:
                 logits[torch.tensor(prompt_rows, device=dev)], prompt_lp, prompt_targets, sched, out
             )
         return out
+
+    def _run_model(
+        self,
+        ids_parts: list[list[int]],
+        pos_parts: list[np.ndarray],
+        slot_parts: list[np.ndarray],
+        query_start: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        input_ids = torch.from_numpy(np.fromiter(chain.from_iterable(ids_parts), np.int64))
+        positions = torch.from_numpy(np.concatenate(pos_parts))
+        slots = torch.from_numpy(np.concatenate(slot_parts))
+        width = max(len(t) for t in block_tables)
+        table = np.zeros((len(block_tables), width), dtype=np.int32)
+        for i, t in enumerate(block_tables):
+            table[i, : len(t)] = t
+        tables = torch.from_numpy(table)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        num_seqs = len(seq_lens)
+        decode = query_start[-1] == num_seqs
+        if self.graphs is not None and decode and num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(input_ids, positions, slots, lens, tables)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=lens.to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
+            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:], strict=False)),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+        )
+        self.backend.prepare(meta)
+        return self._forward(
+            input_ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta
+        )
 
     def _sample(
         self,

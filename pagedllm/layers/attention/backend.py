@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,8 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Backend-specific per-step data, filled once per step by ``AttentionBackend.prepare``.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -49,6 +52,9 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+
+    def prepare(self, meta: AttentionMetadata) -> None:  # noqa: B027  (optional hook)
+        """Once per step, before the first layer: derive backend-specific data into ``meta``."""
 
     @staticmethod
     def write_kv(
@@ -91,8 +97,10 @@ def get_backend_cls(name: str, device: torch.device) -> Callable[..., AttentionB
     """Resolve ``name`` ("auto" picks the best one registered for ``device``)."""
     from pagedllm.layers.attention import torch_native  # noqa: F401  (registers itself)
 
+    if device.type == "cuda":
+        from pagedllm.layers.attention import triton_backend  # noqa: F401
     if name == "auto":
-        name = "torch_native"
+        name = "triton" if device.type == "cuda" else "torch_native"
     if name not in _REGISTRY:
         raise ValueError(
             f"Unknown attention backend {name!r}; available: {', '.join(available_backends())}."
