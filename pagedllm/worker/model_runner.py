@@ -68,6 +68,7 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
         self.num_blocks = determine_num_blocks(config, self)
         # One extra physical block past the pool: scratch for CUDA-graph padding rows.
         shape = (2, self.num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
@@ -84,7 +85,6 @@ class ModelRunner:
             self.num_blocks * self.block_size,
             self.num_blocks * config.kv_bytes_per_block / 2**20,
         )
-        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             assert config.max_model_len is not None
             self.graphs = DecodeGraphs(
