@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.layers.fused import use_fused
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, like Hugging Face's ``LlamaRMSNorm``."""
@@ -24,6 +26,12 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        if use_fused(x):
+            from pagedllm.kernels.elementwise import rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, residual), residual  # residual += x
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -79,13 +79,13 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
 
 
 def _dummy_init(model: nn.Module, seed: int) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name, param in model.named_parameters():
+    """Random weights of the real shapes, drawn on the model's device (fast for 8B models)."""
+    for i, (name, param) in enumerate(model.named_parameters()):
         if "norm" in name:
             param.data.fill_(1.0)
             continue
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen)
-        param.data.copy_(values)
+        gen = torch.Generator(device=param.device).manual_seed(seed + i)
+        param.data.uniform_(-1e-3, 1e-3, generator=gen)
 
 
 def load_model(config: EngineConfig) -> nn.Module:
