@@ -159,7 +159,10 @@ class ModelRunner:
         if not logit_rows:
             return out
         dev = self.device
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
+        if len(logit_rows) == hidden.shape[0] and logit_rows[-1] == len(logit_rows) - 1:
+            logits = self.model.compute_logits(hidden)  # decode: every row samples
+        else:
+            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
         if sample_rows:
             self._sample(logits, sample_rows, sample_src, sample_ids, out)
         if prompt_lp:
