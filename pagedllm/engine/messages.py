@@ -1,0 +1,78 @@
+"""Messages between the API process (``AsyncLLM``) and the engine process (``core_proc``).
+
+Plain dataclasses, pickled whole (one zmq frame per message). The API process sends
+``AddRequest`` / ``AbortRequests`` / ``Shutdown``; the engine process answers with ``EngineReady``
+once the model is loaded, one ``EngineOutputs`` per step (every request's output of that step
+plus the engine stats), ``RequestError`` when one request is rejected, and ``EngineError`` just
+before it exits on a fatal error.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+
+# ---- API process -> engine process ----------------------------------------------------------
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+
+
+@dataclass
+class AbortRequests:
+    request_ids: list[str]
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- engine process -> API process ----------------------------------------------------------
+@dataclass
+class EngineReady:
+    pid: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EngineOutputs:
+    """Everything one ``step()`` produced. ``prompt`` / ``prompt_token_ids`` of each output are
+    stripped (the API process knows them) to keep the message small."""
+
+    outputs: list[RequestOutput]
+    stats: dict[str, float]
+
+
+@dataclass
+class RequestError:
+    """The engine rejected one request; nothing of it stays queued. Others are unaffected."""
+
+    request_id: str
+    error_type: str  # "ValueError" is re-raised as ValueError, anything else as RuntimeError
+    message: str
+
+
+@dataclass
+class EngineError:
+    """A fatal error: the engine process reports it and exits."""
+
+    message: str
+    traceback: str = ""
+
+
+def encode(msg: Any) -> bytes:
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> Any:
+    return pickle.loads(data)

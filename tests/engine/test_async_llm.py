@@ -1,0 +1,287 @@
+"""AsyncLLM: the engine in its own process behind an asyncio client (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from pagedllm import LLM, EngineConfig, RequestOutputKind, SamplingParams
+from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from pagedllm.engine.messages import AbortRequests
+from pagedllm.outputs import RequestOutput
+from tests.fixtures.tiny_models import random_prompts
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+# 48 blocks of 16 tokens: a request that may grow to max_model_len (1024) can never fit, which
+# only the engine process can tell (the API process accepts it).
+ENGINE_KW = {"num_gpu_blocks": 48, "block_size": 16}
+LONG = SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def config(llama_dir: Path) -> EngineConfig:
+    return EngineConfig(model=str(llama_dir), **ENGINE_KW)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def orphan_parent(llama_dir: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A Python process that starts an AsyncLLM and prints its engine's pid (for the test that
+    kills it). Started before ``engines`` so that both start-ups overlap."""
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pagedllm import EngineConfig
+        from pagedllm.engine.async_llm import AsyncLLM
+        llm = AsyncLLM.from_config(EngineConfig(model={str(llama_dir)!r}, **{ENGINE_KW!r}))
+        print(llm._handle.proc.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parents[2]
+    )
+    yield proc
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engines(
+    config: EngineConfig, orphan_parent: asyncio.subprocess.Process
+) -> AsyncIterator[list[AsyncLLM]]:
+    """Four engines, started in parallel (start-up is mostly imports): one shared by most
+    tests, one to kill, one to shut down, one to crash."""
+    started = await asyncio.gather(
+        *(asyncio.to_thread(AsyncLLM.from_config, config) for _ in range(4))
+    )
+    yield list(started)
+    for engine in started:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm(engines: list[AsyncLLM]) -> AsyncLLM:
+    return engines[0]
+
+
+async def collect(gen: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
+    return [out async for out in gen]
+
+
+async def wait_idle(llm: AsyncLLM, timeout: float = 5.0) -> dict[str, float]:
+    """Stats once nothing runs and no KV block is held."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        stats = await llm.get_stats()
+        if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
+            return stats
+        assert asyncio.get_running_loop().time() < deadline, stats
+        await asyncio.sleep(0.02)
+
+
+async def test_matches_sync_llm(llm: AsyncLLM, llama_dir: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    prompts: list[str | list[int]] = list(random_prompts(len(tiny_tokenizer), 12, 3, 20, seed=5))
+    prompts.append("The quick brown fox")
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    ref = LLM(str(llama_dir), **ENGINE_KW).generate(prompts, params, use_tqdm=False)
+    results = await asyncio.gather(
+        *(collect(llm.generate(p, params, f"match-{i}")) for i, p in enumerate(prompts))
+    )
+    for prompt, outs, want in zip(prompts, results, ref, strict=True):
+        final = outs[-1]
+        assert final.finished and not any(o.finished for o in outs[:-1])
+        assert final.outputs[0].token_ids == want.outputs[0].token_ids
+        assert final.outputs[0].text == want.outputs[0].text
+        assert final.outputs[0].finish_reason == want.outputs[0].finish_reason
+        assert final.prompt_token_ids == want.prompt_token_ids
+        assert final.prompt == (prompt if isinstance(prompt, str) else None)
+    await wait_idle(llm)
+
+
+async def test_delta_streaming_with_n(llm: AsyncLLM) -> None:
+    kw = dict(n=3, temperature=0.9, seed=11, max_tokens=20, ignore_eos=True)
+    cum = (await collect(llm.generate([7, 8, 9, 10], SamplingParams(**kw), "cum")))[-1]
+    delta_params = SamplingParams(output_kind=RequestOutputKind.DELTA, **kw)
+    deltas = await collect(llm.generate([7, 8, 9, 10], delta_params, "delta"))
+    assert len(deltas) > 3 and deltas[-1].finished
+    assert sorted(c.index for c in cum.outputs) == [0, 1, 2]
+    for c in cum.outputs:
+        parts = [p for d in deltas for p in d.outputs if p.index == c.index]
+        assert "".join(p.text for p in parts) == c.text
+        assert sum((p.token_ids for p in parts), []) == c.token_ids
+        assert len(c.token_ids) == 20
+
+
+async def test_cancelled_consumer_aborts(llm: AsyncLLM) -> None:
+    before = await wait_idle(llm)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for out in llm.generate([5, 6, 7], LONG, "cancel-me"):
+            if len(out.outputs[0].token_ids) >= 3:
+                started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 5)
+    assert (await llm.get_stats())["num_running"] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    after = await wait_idle(llm)
+    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 1
+
+    # Closing the generator early (e.g. `break`) aborts too.
+    gen = llm.generate([5, 6, 8], LONG, "close-me")
+    async for out in gen:
+        if len(out.outputs[0].token_ids) >= 3:
+            break
+    await gen.aclose()
+    after = await wait_idle(llm)
+    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 2
+
+
+async def test_abort_ends_stream(llm: AsyncLLM) -> None:
+    gen = llm.generate([5, 6, 9], LONG, "abort-me")
+    first = await gen.__anext__()
+    await llm.abort("abort-me")
+    rest = [out async for out in gen]
+    final = rest[-1] if rest else first
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert len(final.outputs[0].token_ids) < 600
+    await wait_idle(llm)
+
+
+async def test_invalid_requests(llm: AsyncLLM, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ok = SamplingParams(temperature=0.0, max_tokens=4)
+    bad_prompts: list[list[int]] = [[], [len(tiny_tokenizer) + 5], [5] * 1024]
+    for i, prompt in enumerate(bad_prompts):
+        with pytest.raises(ValueError):
+            await collect(llm.generate(prompt, ok, f"bad-{i}"))
+    with pytest.raises(ValueError, match="logprobs"):
+        await collect(llm.generate([5], SamplingParams(logprobs=10**7), "bad-lp"))
+    with pytest.raises(ValueError):
+        llm.validate([], ok)
+    # Accepted by the API process, rejected by the engine (can never fit in 48 KV blocks).
+    too_long = SamplingParams(temperature=0.0, max_tokens=None)
+    with pytest.raises(ValueError, match="KV"):
+        await collect(llm.generate([5, 6], too_long, "never-fits"))
+    # Duplicate ids are refused while the first is in flight; the engine keeps serving.
+    gen = llm.generate([5, 6, 7], ok, "dup")
+    first = await gen.__anext__()
+    with pytest.raises(ValueError, match="already in use"):
+        await collect(llm.generate([5, 6, 7], ok, "dup"))
+    rest = [first] + [o async for o in gen]
+    assert rest[-1].finished and len(rest[-1].outputs[0].token_ids) == 4
+    # The id can be reused once finished.
+    again = await collect(llm.generate([5, 6, 7], ok, "dup"))
+    assert again[-1].outputs[0].token_ids == rest[-1].outputs[0].token_ids
+
+
+async def test_stats_counters(llm: AsyncLLM) -> None:
+    before = await wait_idle(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, n=2)
+    await collect(llm.generate([9, 10, 11, 12], params, "stats"))
+    after = await wait_idle(llm)
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == 4
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 10
+    assert after["requests_finished_length"] - before["requests_finished_length"] == 2
+    assert after["num_unfinished_requests"] == 0 and after["num_kv_blocks"] == 48
+    for key in ("num_waiting", "num_preemptions", "prefix_cache_hits", "requests_finished_stop"):
+        assert key in after
+
+
+async def test_queue_full(llm: AsyncLLM) -> None:
+    llm.max_waiting_requests = 0
+    try:
+        with pytest.raises(QueueFullError):
+            await collect(llm.generate([5], SamplingParams(max_tokens=2), "full"))
+    finally:
+        llm.max_waiting_requests = None
+    assert await collect(llm.generate([5], SamplingParams(max_tokens=2), "not-full"))
+
+
+async def test_engine_killed(engines: list[AsyncLLM]) -> None:
+    engine = engines[1]
+    try:
+        await engine.check_health()
+        gens = [engine.generate([5, 6, i], LONG, f"kill-{i}") for i in range(10, 13)]
+        for g in gens:
+            await g.__anext__()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        os.kill(engine._handle.proc.pid, signal.SIGKILL)
+        for g in gens:
+            with pytest.raises(EngineDeadError):
+                await asyncio.wait_for(collect(g), 3)
+        assert loop.time() - t0 < 2.0
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+        with pytest.raises(EngineDeadError):
+            await collect(engine.generate([5], LONG, "after-death"))
+    finally:
+        engine.shutdown()
+        engine.shutdown()
+    assert not engine._handle.proc.is_alive()
+
+
+async def test_clean_shutdown(engines: list[AsyncLLM]) -> None:
+    engine = engines[2]
+    outs = await collect(engine.generate("hello", SamplingParams(max_tokens=3), "x"))
+    assert outs[-1].finished
+    proc, tmpdir = engine._handle.proc, engine._handle.tmpdir
+    gen = engine.generate([5, 6], LONG, "in-flight")
+    await gen.__anext__()
+    engine.shutdown()
+    engine.shutdown()
+    assert not proc.is_alive() and proc.exitcode == 0
+    assert not os.path.exists(tmpdir)
+    assert not engine.is_running
+    with pytest.raises(EngineDeadError):
+        await collect(gen)
+    with pytest.raises(EngineDeadError):
+        await engine.check_health()
+
+
+async def test_engine_loop_error_is_fatal(engines: list[AsyncLLM]) -> None:
+    engine = engines[3]
+    gen = engine.generate([5, 6], LONG, "in-flight")
+    await gen.__anext__()
+    engine._handle.send(AbortRequests(None))  # type: ignore[arg-type]  # the engine loop raises
+    with pytest.raises(EngineDeadError, match="TypeError"):
+        await asyncio.wait_for(collect(gen), 5)
+    assert not engine.is_running
+    engine._handle.proc.join(5)
+    assert engine._handle.proc.exitcode == 1
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # zombie: exited
+    except FileNotFoundError:
+        return True
+
+
+async def test_engine_exits_with_its_parent(
+    engines: list[AsyncLLM], orphan_parent: asyncio.subprocess.Process
+) -> None:
+    assert orphan_parent.stdout is not None
+    engine_pid = int(await asyncio.wait_for(orphan_parent.stdout.readline(), 60))
+    assert not _process_gone(engine_pid)
+    orphan_parent.kill()
+    await orphan_parent.wait()
+    deadline = asyncio.get_running_loop().time() + 3
+    while not _process_gone(engine_pid):
+        assert asyncio.get_running_loop().time() < deadline, "the engine outlived its parent"
+        await asyncio.sleep(0.05)
