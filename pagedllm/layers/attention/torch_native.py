@@ -1,7 +1,8 @@
 """Reference attention backend in plain PyTorch: runs on CPU and GPU, exact in fp32.
 
-Each sequence's context is gathered from its KV blocks and attended with a causal mask offset
-by the number of already-cached tokens. Simple and slow; the Triton backend replaces it on GPU.
+Decode rows (one new token each) are attended in one batched pass over their padded, gathered
+contexts; prompt chunks go one sequence at a time with a causal mask offset by the number of
+already-cached tokens. Simple and exact; the Triton backend replaces it on GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from pagedllm.layers.attention.backend import AttentionBackend, AttentionMetadat
 
 @register_backend("torch_native")
 class TorchNativeBackend(AttentionBackend):
+    def prepare(self, meta: AttentionMetadata) -> None:
+        qsl = meta.query_start_loc_cpu
+        decode = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
+        meta.extra["decode_seqs"] = decode
+        meta.extra["prefill_seqs"] = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] > 1]
+        if decode:
+            dev = meta.seq_lens.device
+            meta.extra["decode_rows"] = torch.tensor([qsl[i] for i in decode], device=dev)
+            meta.extra["decode_idx"] = torch.tensor(decode, device=dev)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -22,29 +33,61 @@ class TorchNativeBackend(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         self.write_kv(kv_cache, k, v, meta.slot_mapping)
+        if "decode_seqs" not in meta.extra:
+            self.prepare(meta)
+        out = torch.empty_like(q)
+        if meta.extra["decode_seqs"]:
+            self._decode(q, kv_cache, meta, out)
+        for i in meta.extra["prefill_seqs"]:
+            self._one_sequence(i, q, kv_cache, meta, out)
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor
+    ) -> None:
+        seqs: list[int] = meta.extra["decode_seqs"]
+        rows, idx = meta.extra["decode_rows"], meta.extra["decode_idx"]
+        block_size = kv_cache.shape[2]
+        max_len = max(meta.seq_lens_cpu[i] for i in seqs)
+        tables = meta.block_tables[idx, : (max_len + block_size - 1) // block_size].long()
+        b, hkv, d = len(seqs), self.num_kv_heads, self.head_dim
+        group = self.num_heads // hkv
+        keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len]  # [B, S, Hkv, D]
+        vals = kv_cache[1][tables].flatten(1, 2)[:, :max_len]
+        qd = q[rows].float().view(b, hkv, group, d)  # [B, Hkv, G, D]
+        scores = torch.einsum("bhgd,bshd->bhgs", qd, keys.float()) * self.scale
+        lens = meta.seq_lens[idx].view(b, 1, 1, 1)
+        pos = torch.arange(max_len, device=q.device).view(1, 1, 1, max_len)
+        scores.masked_fill_(pos >= lens, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        res = torch.einsum("bhgs,bshd->bhgd", probs, vals.float())
+        out[rows] = res.reshape(b, self.num_heads, d).to(out.dtype)
+
+    def _one_sequence(
+        self,
+        i: int,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
         block_size = kv_cache.shape[2]
         group = self.num_heads // self.num_kv_heads
-        out = torch.empty_like(q)
-        qsl = meta.query_start_loc_cpu
-        for i, seq_len in enumerate(meta.seq_lens_cpu):
-            start, end = qsl[i], qsl[i + 1]
-            q_len = end - start
-            num_blocks = (seq_len + block_size - 1) // block_size
-            blocks = meta.block_tables[i, :num_blocks].long()
-            keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # [S, Hkv, D]
-            vals = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
-            if group > 1:
-                keys = keys.repeat_interleave(group, dim=1)
-                vals = vals.repeat_interleave(group, dim=1)
-            qi = q[start:end].transpose(0, 1).float()  # [H, Lq, D]
-            scores = torch.matmul(qi, keys.permute(1, 2, 0).float()) * self.scale  # [H, Lq, S]
-            if q_len > 1:
-                # query j sits at absolute position seq_len - q_len + j and sees keys <= it
-                qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-                kpos = torch.arange(seq_len, device=q.device)
-                scores.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            out[start:end] = (
-                torch.matmul(probs, vals.transpose(0, 1).float()).transpose(0, 1).to(q.dtype)
-            )
-        return out
+        start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
+        seq_len = meta.seq_lens_cpu[i]
+        q_len = end - start
+        blocks = meta.block_tables[i, : (seq_len + block_size - 1) // block_size].long()
+        keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # [S, Hkv, D]
+        vals = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            vals = vals.repeat_interleave(group, dim=1)
+        qi = q[start:end].transpose(0, 1).float()  # [H, Lq, D]
+        scores = torch.matmul(qi, keys.permute(1, 2, 0).float()) * self.scale  # [H, Lq, S]
+        # query j sits at absolute position seq_len - q_len + j and sees keys <= it
+        qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        kpos = torch.arange(seq_len, device=q.device)
+        scores.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        res = torch.matmul(probs, vals.transpose(0, 1).float()).transpose(0, 1)
+        out[start:end] = res.to(q.dtype)
