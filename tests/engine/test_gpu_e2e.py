@@ -23,7 +23,7 @@ NEW = 24
 
 
 def _generate(model_dir: Path, prompts: list[list[int]], **kw: object) -> list[list[int]]:
-    llm = LLM(str(model_dir), **kw)
+    llm = LLM(str(model_dir), num_gpu_blocks=1024, **kw)  # several engines share the GPU
     params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]

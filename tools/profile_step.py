@@ -1,0 +1,72 @@
+"""Profile engine steps on the GPU: kernel time by name for prefill-heavy and decode steps.
+
+python tools/profile_step.py MODEL_DIR [--enforce-eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pagedllm import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    args = ap.parse_args()
+    llm = LLM(
+        args.model,
+        load_format="dummy",
+        max_num_batched_tokens=8192,
+        enforce_eager=args.enforce_eager,
+    )
+    eng = llm.llm_engine
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    for _ in range(args.num_seqs):
+        eng.add_request(None, torch.randint(100, 30000, (1024,), generator=g).tolist(), params)
+    for _ in range(3):
+        eng.step()  # warm-up (prefill steps)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            eng.step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / 3
+    print(f"== prefill steps (8192 tokens): {dt * 1e3:.1f} ms/step wall")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    )
+    while eng.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running
+    ):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    n = len(eng.scheduler.running)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            eng.step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / 10
+    print(f"== decode steps (batch {n}): {dt * 1e3:.2f} ms/step wall")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    )
+    t0 = time.perf_counter()
+    for _ in range(10):
+        eng.step()
+    print(f"== decode steps, no profiler: {(time.perf_counter() - t0) * 100:.2f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
