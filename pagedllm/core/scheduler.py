@@ -100,7 +100,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = req.num_tokens - req.num_computed_tokens
+            if num_new > budget and not self.chunked_prefill:
+                i += 1  # a forked sibling's tail waits for a step with room for all of it
+                continue
+            num_new = min(num_new, budget)
             while not self.kv.allocate(req, num_new):
                 victim = self.running.pop()  # newest / lowest priority
                 self._preempt(victim)
@@ -170,6 +174,7 @@ class Scheduler:
                 continue
             for child in req.pending_forks:
                 self.kv.fork(req, child)
+                child.num_cached_tokens = req.num_cached_tokens
                 child.status = RequestStatus.RUNNING
                 self.requests[child.request_id] = child
                 bisect.insort(self.running, child, key=lambda r: r.sort_key)

@@ -544,7 +544,7 @@ def test_prefix_hit_needs_same_leading_blocks() -> None:
     assert req.num_cached_tokens == 0
 
 
-# ---- known bugs ----------------------------------------------------------------------------
+# ---- regressions: bugs these tests found, since fixed ------------------------------------
 
 
 def test_forks_of_running_leaders_respect_max_num_seqs() -> None:
@@ -561,13 +561,6 @@ def test_forks_of_running_leaders_respect_max_num_seqs() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A forked sibling first reaches Scheduler._admit_waiting after being preempted, "
-    "with num_cached_tokens still -1: the scheduler then records prompt AND output tokens "
-    "served from the cache as its num_cached_tokens and adds them to prefix_hits, while "
-    "prefix_queries only grows by the prompt length (hit rate > 100%).",
-)
 def test_preempted_fork_does_not_inflate_prefix_cache_stats() -> None:
     cfg = SimConfig(1, 4, False, 4, 1, True, 4)
     groups = [GroupSpec("g", [0], 3, 2, 0, 0, None, [None, None])]
@@ -583,12 +576,6 @@ def test_preempted_fork_does_not_inflate_prefix_cache_stats() -> None:
     assert kv.prefix_hits <= kv.prefix_queries, (kv.prefix_hits, kv.prefix_queries)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="With enable_chunked_prefill=False the running loop of Scheduler.schedule still "
-    "gives a forked sibling min(remaining, budget) tokens, so its prompt-tail prefill is "
-    "split across steps.",
-)
 def test_no_chunked_prefill_never_splits_a_forked_prefill() -> None:
     cfg = SimConfig(16, 17, False, 17, 4, False, 8)
     groups = [

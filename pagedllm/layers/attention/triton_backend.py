@@ -32,8 +32,9 @@ class TritonBackend(AttentionBackend):
         decode = meta.max_query_len == 1
         meta.extra["decode"] = decode
         if decode:
+            num_seqs = meta.extra.get("num_seqs", meta.num_seqs)  # graphs pass it (no CPU lists)
             meta.extra["num_splits"] = decode_num_splits(
-                meta.num_seqs, self.num_kv_heads, meta.max_seq_len, self.num_sms
+                num_seqs, self.num_kv_heads, meta.max_seq_len, self.num_sms
             )
         else:
             block_q = mixed_block_q(self.num_heads, self.num_kv_heads)
