@@ -64,6 +64,7 @@ class _TokenStreamDecoder:
         self._prefix = 0
         self._read = 0
         self._prefix_text: str | None = ""  # decode(ids[prefix:read]); None = not computed
+        self._split_checked = 0  # split points below this were tested since the last emit
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:
@@ -114,11 +115,17 @@ class _TokenStreamDecoder:
         return self._decode(self._ids[self._prefix :])[len(self._get_prefix_text()) :]
 
     def _split(self) -> str:
-        """Emit held tokens up to the last point where the text splits cleanly."""
+        """Emit held tokens up to the last point where the text splits cleanly.
+
+        Whether a character straddles point k depends only on the bytes around k, so points
+        tested on an earlier step are not tested again (keeps each step O(new tokens)).
+        """
         ids, start = self._ids, self._prefix
         full = self._decode(ids[start:])
         emitted = len(self._get_prefix_text())
-        for k in range(len(ids) - 1, self._read, -1):
+        lowest = max(self._read, self._split_checked - 1)
+        self._split_checked = len(ids)
+        for k in range(len(ids) - 1, lowest, -1):
             head = self._decode(ids[start:k])
             # Decoding the rest on its own changes nothing => no character straddles k.
             if len(head) > emitted and head + self._decode(ids[k:]) == full:
@@ -134,6 +141,7 @@ class _TokenStreamDecoder:
         """
         delta = text[len(self._get_prefix_text()) :]
         self._prefix, self._read = self._read, end
+        self._split_checked = 0
         window = self._ids[self._prefix : end]
         self._prefix_text = self._decode(window)
         self._stream = None
