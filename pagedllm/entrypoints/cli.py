@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+    from pagedllm.entrypoints.openai.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     from pagedllm.bench.cli_bench import add_bench_parser
 
     add_bench_parser(sub)

@@ -1,0 +1,383 @@
+"""What chat and text completions share: request limits, sampling-parameter building, running
+generations (several prompts merged into one stream, unfinished ones aborted however the
+stream ends), client-disconnect races, the queue timeout, engine-error mapping, and answering
+with one JSON body or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from pagedllm.engine.async_llm import EngineDeadError, QueueFullError
+from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker, TokenCount
+from pagedllm.entrypoints.openai.errors import APIError, bad_request, engine_dead, queue_full
+from pagedllm.entrypoints.openai.logprobs import TokenBytes
+from pagedllm.entrypoints.openai.metrics import ServerMetrics
+from pagedllm.entrypoints.openai.protocol import SamplingFields
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.engine.async_llm import AsyncLLM
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_PROMPTS = 1024
+
+
+@dataclass
+class ServerState:
+    """Everything the serving classes need besides the engine; built once per app."""
+
+    engine: AsyncLLM
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    max_n: int = 128
+    queue_timeout: float | None = None
+    chat_template: str | None = None
+    log_requests: bool = True
+
+    @property
+    def max_model_len(self) -> int:
+        value = self.engine.config.max_model_len
+        assert value is not None
+        return value
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the answer was complete."""
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` unless the client disconnects first (then cancel it and raise)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected()
+    return task.result()
+
+
+def map_engine_error(exc: BaseException) -> APIError | None:
+    """The client-facing error for an exception out of ``AsyncLLM``; None if unexpected."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return queue_full()
+    if isinstance(exc, EngineDeadError):
+        return engine_dead()
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    return None
+
+
+# ---- the shared serving class ----------------------------------------------------------------
+class OpenAIServing:
+    """Base of the chat and completion handlers."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.engine = state.engine
+        self.tokenizer = state.engine.tokenizer
+        self.token_bytes = TokenBytes(self.tokenizer)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def tracker(
+        self, endpoint: str, completion_id: str, http_id: str, streamed: bool
+    ) -> RequestTracker:
+        st = self.state
+        return RequestTracker(
+            st.metrics, st.log_requests, endpoint, completion_id, http_id, streamed
+        )
+
+    def model_name(self, requested: str | None) -> str:
+        names = self.state.served_model_names
+        if requested is None or requested in names:
+            return requested or names[0]
+        raise APIError(
+            404,
+            f"The model {requested!r} does not exist. Served models: {', '.join(names)}.",
+            param="model",
+            code="model_not_found",
+        )
+
+    def check_common(self, req: SamplingFields) -> None:
+        if req.n > self.state.max_n:
+            raise bad_request(f"n must be at most {self.state.max_n}, got {req.n}.", "n")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed.", "stop")
+        for s in stops:
+            if not s or len(s) > MAX_STOP_STRING_CHARS:
+                raise bad_request(
+                    f"Stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters long.", "stop"
+                )
+        ids = req.stop_token_ids or []
+        vocab = self.engine.config.model_config.vocab_size
+        if len(ids) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < vocab for t in ids):
+            raise bad_request(
+                f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, each in [0, {vocab}).",
+                "stop_token_ids",
+            )
+
+    def sampling_params(
+        self,
+        req: SamplingFields,
+        *,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+        stream: bool,
+    ) -> SamplingParams:
+        defaults = self.engine.generation_defaults.sampling
+
+        def pick(value: Any, key: str, fallback: Any) -> Any:
+            return value if value is not None else defaults.get(key, fallback)
+
+        kind = RequestOutputKind.FINAL_ONLY
+        if stream or self.state.queue_timeout is not None:
+            kind = RequestOutputKind.DELTA
+        try:
+            return SamplingParams(
+                n=req.n,
+                temperature=pick(req.temperature, "temperature", 1.0),
+                top_p=pick(req.top_p, "top_p", 1.0),
+                top_k=pick(req.top_k, "top_k", 0),
+                min_p=pick(req.min_p, "min_p", 0.0),
+                seed=req.seed,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
+                max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                spaces_between_special_tokens=req.spaces_between_special_tokens,
+                output_kind=kind,
+            )
+        except ValueError as e:
+            raise bad_request(str(e).removeprefix("Invalid SamplingParams: ")) from e
+
+    def check_prompt(
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None, param: str
+    ) -> None:
+        """400 unless the prompt fits and ``prompt + max_tokens <= max_model_len``."""
+        limit = self.state.max_model_len
+        if max_tokens is not None and len(prompt_ids) + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the {param}, "
+                f"{max_tokens} in the completion). Please reduce the length of the {param} or "
+                "completion.",
+                param="max_tokens" if len(prompt_ids) < limit else param,
+                code="context_length_exceeded",
+            )
+        try:
+            self.engine.validate(prompt_ids, params)
+        except ValueError as e:
+            code = "context_length_exceeded" if len(prompt_ids) >= limit else None
+            raise bad_request(str(e), param=param, code=code) from e
+
+    async def merged_generate(
+        self, prompts: list[list[int]], params: SamplingParams, base_id: str, priority: int
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Outputs of one generation per prompt, interleaved as they come, tagged by index.
+
+        However it ends (finished, error, cancelled by a disconnect, closed early), every
+        generation that has not finished is aborted in the engine.
+        """
+        ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+        finished: set[int] = set()
+        queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]]
+        queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                gen = self.engine.generate(prompts[i], params, ids[i], priority=priority)
+                async for out in gen:
+                    await queue.put((i, out, None))
+                await queue.put((i, None, None))
+            except Exception as e:  # reported to the consumer; cancellation is not
+                await queue.put((i, None, e))
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            if len(prompts) == 1:
+                async for out in self.engine.generate(
+                    prompts[0], params, ids[0], priority=priority
+                ):
+                    if out.finished:
+                        finished.add(0)
+                    yield 0, out
+                return
+            tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+            remaining = len(tasks)
+            while remaining:
+                i, item, exc = await queue.get()
+                if exc is not None:
+                    raise exc
+                if item is None:
+                    remaining -= 1
+                    continue
+                if item.finished:
+                    finished.add(i)
+                yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for i, rid in enumerate(ids):
+                if i not in finished:
+                    self._abort_later(rid)
+
+    def _abort_later(self, request_id: str) -> None:
+        """Abort in a fresh task: the caller may be inside a cancelled scope."""
+
+        async def abort() -> None:
+            try:
+                await self.engine.abort(request_id)
+            except Exception:  # already gone, or the engine is dead: nothing to free
+                logger.debug("abort(%s) failed", request_id, exc_info=True)
+
+        try:
+            task = asyncio.get_running_loop().create_task(abort())
+        except RuntimeError:  # no running loop (generator finalised at shutdown)
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def first_output(
+        self, stream: AsyncIterator[tuple[int, RequestOutput]]
+    ) -> tuple[int, RequestOutput] | None:
+        """The first output, or a 503 if it does not come within ``--queue-timeout``."""
+        timeout = self.state.queue_timeout
+        try:
+            return await asyncio.wait_for(anext(stream), timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError as e:
+            raise APIError(
+                503,
+                f"The request waited more than {timeout:g} s in the queue; retry later.",
+                code="queue_timeout",
+            ) from e
+        except Exception as e:
+            err = map_engine_error(e)
+            if err is None:
+                raise
+            raise err from e
+
+    async def collect(
+        self, stream: AsyncIterator[tuple[int, RequestOutput]], tracker: RequestTracker, n: int
+    ) -> dict[int, PromptResult]:
+        """Run every generation to completion (non-streaming requests)."""
+        results: dict[int, PromptResult] = {}
+        item = await self.first_output(stream)
+        while item is not None:
+            i, out = item
+            tracker.on_output(i, out, i * n)
+            results.setdefault(i, PromptResult(list(out.prompt_token_ids))).add(out)
+            try:
+                item = await anext(stream, None)
+            except Exception as e:
+                err = map_engine_error(e)
+                if err is None:
+                    raise
+                raise err from e
+        return results
+
+    async def respond(
+        self,
+        raw: Request,
+        tracker: RequestTracker,
+        stream: AsyncIterator[tuple[int, RequestOutput]],
+        n: int,
+        chunks: Callable[[AsyncIterator[tuple[int, RequestOutput]], TokenCount], AsyncIterator[str]]
+        | None,
+        final: Callable[[dict[int, PromptResult]], BaseModel],
+    ) -> Response:
+        """Answer with SSE (``chunks`` given) or one JSON body, racing client disconnects."""
+        count = TokenCount()
+        try:
+            if chunks is not None:
+                first = await race_disconnect(raw, self.first_output(stream))
+                if first is None:
+                    raise APIError(500, "The engine returned no output.")
+                body = self._sse(tracker, chunks(chain(first, stream), count), count)
+                return StreamingResponse(body, media_type="text/event-stream")
+            results = await race_disconnect(raw, self.collect(stream, tracker, n))
+        except ClientDisconnected:
+            tracker.finish("client_disconnected", 0)
+            return Response(status_code=499)
+        except APIError as e:
+            tracker.finish("error", 0, e.message)
+            raise
+        response = final(results)
+        usage = getattr(response, "usage", None)
+        tracker.finish("ok", usage.completion_tokens if usage is not None else 0)
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def _sse(
+        self, tracker: RequestTracker, payloads: AsyncIterator[str], count: TokenCount
+    ) -> AsyncIterator[str]:
+        status, error = "client_disconnected", None
+        try:
+            async for payload in payloads:
+                yield f"data: {payload}\n\n"
+            status = "ok"
+        except Exception as e:
+            err = map_engine_error(e)
+            if err is None:
+                logger.exception("Streaming request %s failed", tracker.completion_id)
+                err = APIError(500, f"Internal server error: {type(e).__name__}")
+            status, error = "error", err.message
+            yield f"data: {json.dumps(err.to_dict())}\n\n"
+        finally:
+            tracker.finish(status, count.value, error)
+        yield "data: [DONE]\n\n"
+
+
+async def chain(
+    first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    yield first
+    async for item in rest:
+        yield item
