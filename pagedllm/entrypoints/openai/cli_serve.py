@@ -139,7 +139,11 @@ def serve(args: argparse.Namespace) -> int:
     config = EngineConfig(**kwargs)
     # Uvicorn re-raises the signal it drained on after shutting down; exit 0 then.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    engine = AsyncLLM.from_config(config, max_waiting_requests=args.max_waiting_requests)
+    try:
+        engine = AsyncLLM.from_config(config, max_waiting_requests=args.max_waiting_requests)
+    except RuntimeError as e:  # the engine process failed to start (logged above)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         app = build_app(engine, args)
         uv_config = uvicorn.Config(
@@ -151,6 +155,8 @@ def serve(args: argparse.Namespace) -> int:
             lifespan="on",
         )
         uvicorn.Server(uv_config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained on
+        pass
     finally:
         if engine.is_running:
             engine.shutdown()

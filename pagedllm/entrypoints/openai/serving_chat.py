@@ -166,11 +166,20 @@ class _ChatCtx:
     def _include_usage(self) -> bool:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
-    def _chunk(self, choice: ChatStreamChoice) -> str:
+    def _chunk(self, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[choice]
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=usage if self._continuous_usage else None,
         )
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
+
+    @property
+    def _continuous_usage(self) -> bool:
+        opts = self.req.stream_options
+        return bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
     async def chunks(
         self, items: AsyncIterator[tuple[int, RequestOutput]], count: TokenCount
@@ -184,19 +193,20 @@ class _ChatCtx:
             for c in out.outputs:
                 ids = list(c.token_ids)
                 count.value += len(ids)
+                usage = self._usage(count.value, cached) if self._continuous_usage else None
                 lp = self._logprobs(ids, c.logprobs) if ids else None
                 if c.text or lp is not None:
                     delta = {"content": c.text}
-                    yield self._chunk(ChatStreamChoice(index=c.index, delta=delta, logprobs=lp))
+                    choice = ChatStreamChoice(index=c.index, delta=delta, logprobs=lp)
+                    yield self._chunk(choice, usage)
                 if c.finish_reason is not None:
-                    yield self._chunk(
-                        ChatStreamChoice(
-                            index=c.index,
-                            delta={},
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
-                        )
+                    choice = ChatStreamChoice(
+                        index=c.index,
+                        delta={},
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
                     )
+                    yield self._chunk(choice, usage)
         if self._include_usage:
             chunk = ChatCompletionChunk(
                 id=self.id,

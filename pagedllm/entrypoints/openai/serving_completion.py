@@ -186,11 +186,20 @@ class _Ctx:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
-    def _chunk(self, choice: CompletionChoice) -> str:
+    def _chunk(self, choice: CompletionChoice, usage: UsageInfo | None = None) -> str:
         chunk = CompletionChunk(
-            id=self.id, created=self.created, model=self.model, choices=[choice]
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=usage if self._continuous_usage else None,
         )
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
+
+    @property
+    def _continuous_usage(self) -> bool:
+        opts = self.req.stream_options
+        return bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
     @property
     def _include_usage(self) -> bool:
@@ -220,17 +229,16 @@ class _Ctx:
                         lp, self.s.tokenizer, ids, entries, k, self.offsets[idx]
                     )
                 count.value += len(ids)
+                usage = None
+                if self._continuous_usage:
+                    usage = self._usage(tracker_results, count.value)
                 if text or (lp is not None and lp.tokens):
-                    yield self._chunk(CompletionChoice(index=idx, text=text, logprobs=lp))
+                    yield self._chunk(CompletionChoice(index=idx, text=text, logprobs=lp), usage)
                 if c.finish_reason is not None:
-                    yield self._chunk(
-                        CompletionChoice(
-                            index=idx,
-                            text="",
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
-                        )
+                    choice = CompletionChoice(
+                        index=idx, text="", finish_reason=c.finish_reason, stop_reason=c.stop_reason
                     )
+                    yield self._chunk(choice, usage)
         if self._include_usage:
             usage = self._usage(tracker_results, count.value)
             chunk = CompletionChunk(

@@ -166,6 +166,14 @@ def test_raw_sse_framing(server: ServerProc) -> None:
     payloads = [json.loads(e[6:]) for e in events[:-1]]
     assert all("usage" not in p for p in payloads)  # only with include_usage
     assert payloads[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    # vLLM's continuous_usage_stats: running usage on every chunk
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/completions", json=body, headers=server.headers
+    ) as r:
+        payloads = [json.loads(x[6:]) for x in r.iter_lines() if x and x != "data: [DONE]"]
+    used = [p["usage"]["completion_tokens"] for p in payloads]
+    assert used == sorted(used) and used[-1] == 4 and all(p["usage"] for p in payloads)
 
 
 @pytest.mark.asyncio
