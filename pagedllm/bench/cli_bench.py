@@ -1,4 +1,4 @@
-"""``pagedllm bench {throughput,latency}``: argparse registration (flags spelled like vLLM's).
+"""``pagedllm bench {throughput,latency,serve}``: argparse registration (flags spelled like vLLM's).
 
 Heavy imports (torch, transformers, matplotlib) happen only when a bench command runs.
 """
@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from pagedllm.bench.presets import PRESETS
+from pagedllm.bench.serve import add_serve_parser
 from pagedllm.entrypoints.cli import add_engine_args
 
 _THROUGHPUT_EPILOG = """\
@@ -153,10 +154,13 @@ def _add_latency(bsub: Any) -> None:
 
 
 def add_bench_parser(sub: Any) -> None:
-    """Register ``bench`` with ``throughput`` and ``latency`` on the CLI's subparsers."""
+    """Register ``bench`` with ``throughput``, ``latency`` and ``serve`` on the CLI's subparsers."""
     bench = sub.add_parser(
-        "bench", help="offline benchmarks", description="Offline benchmarks of pagedllm."
+        "bench",
+        help="offline and serving benchmarks",
+        description="Offline benchmarks of pagedllm; serving benchmark of OpenAI-compatible URLs.",
     )
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     _add_throughput(bsub)
     _add_latency(bsub)
+    add_serve_parser(bsub)
