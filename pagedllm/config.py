@@ -103,6 +103,8 @@ class EngineConfig:
     load_format: str = "auto"  # auto | safetensors | dummy
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # Prepare step N+1 on the CPU while step N runs (default: on for CUDA, off for CPU).
+    async_scheduling: bool | None = None
     # Derived during validation:
     model_config: ModelConfig = field(init=False, repr=False)
     torch_dtype: torch.dtype = field(init=False)
@@ -147,6 +149,8 @@ class EngineConfig:
         else:
             raise bad(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}.")
 
+        if self.async_scheduling is None:
+            self.async_scheduling = self.torch_device.type == "cuda"
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise bad(f"block_size must be a power of two >= 1, got {self.block_size}.")
         limit = self.model_config.max_position_embeddings

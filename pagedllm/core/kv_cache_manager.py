@@ -76,12 +76,15 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(need))
         return True
 
-    def commit_computed(self, req: Request) -> None:
-        """Index the request's blocks that are now full of computed tokens."""
-        if not self.enable_prefix_caching:
+    def commit_computed(self, req: Request, num_computed: int | None = None) -> None:
+        """Index the request's blocks now full of computed tokens (the first ``num_computed``,
+        default all computed ones)."""
+        if not self.enable_prefix_caching or req.request_id not in self.req_blocks:
             return
+        if num_computed is None:
+            num_computed = req.num_computed_tokens
         start = self.num_registered.get(req.request_id, 0)
-        end = req.num_computed_tokens // self.block_size
+        end = min(num_computed, req.num_tokens) // self.block_size
         if end <= start:
             return
         self._update_hashes(req)
@@ -90,10 +93,14 @@ class KVCacheManager:
             self.pool.register(blocks[i], req.block_hashes[i])
         self.num_registered[req.request_id] = end
 
-    def fork(self, parent: Request, child: Request) -> None:
-        """Let ``child`` start from ``parent``'s full computed blocks (shared, ref-counted)."""
-        k = parent.num_computed_tokens // self.block_size
-        shared = self.req_blocks[parent.request_id][:k]
+    def fork(self, parent: Request, child: Request, num_computed: int | None = None) -> None:
+        """Let ``child`` start from the full blocks of ``parent``'s first ``num_computed``
+        tokens (shared, ref-counted); a parent without blocks (preempted) shares none."""
+        if num_computed is None:
+            num_computed = parent.num_computed_tokens
+        k = num_computed // self.block_size
+        shared = self.req_blocks.get(parent.request_id, [])[:k]
+        k = len(shared)
         self.pool.touch(shared)
         self.req_blocks[child.request_id] = list(shared)
         self.num_registered[child.request_id] = min(

@@ -53,6 +53,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    num_pending: int = 0  # sampled tokens still on the device (async scheduling), value unknown
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (first schedule)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -74,6 +75,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:

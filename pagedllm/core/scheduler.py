@@ -19,15 +19,27 @@ from pagedllm.core.request import Request, RequestStatus
 
 @dataclass
 class ScheduledRequest:
+    """Tokens ``[start, start + num_new_tokens)`` of ``request`` are computed this step.
+
+    ``samples``: the chunk reaches the request's last token, so a new token is sampled. With
+    async scheduling the last token may itself still be on the device (``num_pending``).
+    """
+
     request: Request
-    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens)
+    num_new_tokens: int
     block_ids: list[int]
+    start: int = -1
+    samples: bool = False
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            req = self.request
+            self.start = req.num_computed_tokens
+            self.samples = self.start + self.num_new_tokens == req.num_tokens_with_pending
 
     @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the request's last token, so a new token is sampled."""
-        req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
 
 
 @dataclass
@@ -100,9 +112,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
-            if num_new > budget and not self.chunked_prefill:
-                i += 1  # a forked sibling's tail waits for a step with room for all of it
+            num_new = req.num_tokens_with_pending - req.num_computed_tokens
+            if (num_new > budget and not self.chunked_prefill) or self._finishes_on_pending(req):
+                i += 1  # a fork's tail waits for room; a request ending on its pending token waits
                 continue
             num_new = min(num_new, budget)
             while not self.kv.allocate(req, num_new):
@@ -113,18 +125,37 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
+            self._add(out, req, num_new)
             budget -= num_new
             i += 1
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
 
+    def _finishes_on_pending(self, req: Request) -> bool:
+        """Its in-flight token is its last (max_tokens / max_model_len): nothing to schedule."""
+        if not req.num_pending:
+            return False
+        return (
+            req.num_output_tokens + req.num_pending >= req.max_tokens
+            or req.num_tokens_with_pending >= self.max_model_len
+        )
+
+    def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        """Schedule ``num_new`` tokens of ``req`` and count them as computed from now on."""
+        sched = ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id))
+        out.scheduled.append(sched)
+        req.num_computed_tokens += num_new
+        if sched.samples:
+            req.num_pending += 1
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         # Sequences running now, plus the n > 1 siblings their leaders will fork.
         num_seqs_running = sum(1 + len(r.pending_forks) for r in self.running)
         while self.waiting and budget > 0:
             req = self.waiting[0]
+            if req.num_pending:  # preempted with a token in flight: admit once it has landed
+                break
             num_seqs = 1 + len(req.pending_forks)
             if num_seqs_running and num_seqs_running + num_seqs > self.max_num_seqs:
                 break
@@ -146,7 +177,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             num_seqs_running += num_seqs
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
-            out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id)))
+            self._add(out, req, num_new)
             budget -= num_new
 
     def _preempt(self, req: Request) -> None:
@@ -166,18 +197,22 @@ class Scheduler:
         for sched in out.scheduled:
             req = sched.request
             if req.is_finished:
+                continue  # finished (stop string, abort) while this step was in flight
+            running = req.status == RequestStatus.RUNNING
+            if running:
+                self.kv.commit_computed(req, sched.end)
+            if not sched.samples:
                 continue
-            samples = sched.samples
-            req.num_computed_tokens += sched.num_new_tokens
-            self.kv.commit_computed(req)
-            if not samples:
-                continue
+            req.num_pending -= 1
             for child in req.pending_forks:
-                self.kv.fork(req, child)
                 child.num_cached_tokens = req.num_cached_tokens
-                child.status = RequestStatus.RUNNING
                 self.requests[child.request_id] = child
-                bisect.insort(self.running, child, key=lambda r: r.sort_key)
+                if running:
+                    self.kv.fork(req, child, sched.end)
+                    child.status = RequestStatus.RUNNING
+                    bisect.insort(self.running, child, key=lambda r: r.sort_key)
+                else:  # the parent was preempted meanwhile: the child starts from scratch
+                    bisect.insort(self.waiting, child, key=lambda r: r.sort_key)
                 self._append(child, sampled[child.request_id])
                 changed.append(child)
             req.pending_forks = []

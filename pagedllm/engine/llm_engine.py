@@ -16,12 +16,12 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class LLMEngine:
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
         self._pending_finished: list[Request] = []
         self._next_id = 0
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None  # async scheduling
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
@@ -133,33 +134,75 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step and return the outputs of requests that progressed.
+
+        With async scheduling, step N+1 is scheduled and enqueued on the device before step
+        N's sampled tokens are read back and processed, so the CPU work of both overlaps the
+        GPU; outputs then trail the device by one step. Requests whose sampling depends on
+        their own previous tokens (penalties, min_tokens) or that fork n > 1 siblings run
+        synchronously.
+        """
         op = self.output_processor
         if self._pending_finished:
             op.finish(self._pending_finished)
             self._pending_finished = []
+        if not self.config.async_scheduling or self._needs_sync():
+            if self._inflight is not None:  # drain the step in flight first
+                self._complete(*self._inflight)
+                self._inflight = None
+            else:
+                sched = self._schedule()
+                if sched.scheduled:
+                    self._complete(sched, self.runner.execute_async(sched))
+        else:
+            sched = self._schedule()
+            handle = self.runner.execute_async(sched) if sched.scheduled else None
+            if self._inflight is not None:
+                self._complete(*self._inflight)
+            self._inflight = (sched, handle) if handle is not None else None
+        outputs = op.collect()
+        for out in outputs:
+            if out.finished:
+                self._groups.pop(out.request_id, None)
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
         if sched.scheduled:
             now = time.monotonic()
             for s in sched.scheduled:
                 if s.request.first_scheduled_time is None:
                     s.request.first_scheduled_time = now
-            result = self.runner.execute(sched)
-            changed = self.scheduler.update_from_output(sched, result.sampled)
-            for sid, (start, entries) in result.prompt_logprobs.items():
-                op.add_prompt_logprobs(sid, start, entries)  # leader: sequence id == group id
-            stopped = op.process_tokens(changed, result.logprobs)
-            if stopped:
-                done = self.scheduler.finish_requests(
-                    [s.request_id for s in stopped], RequestStatus.FINISHED_STOPPED
-                )
-                op.finish(done)
-        elif self.scheduler.has_unfinished_requests():
+        elif self._inflight is None and self.scheduler.has_unfinished_requests():
             raise RuntimeError("Scheduler made no progress with requests pending (engine bug).")
-        outputs = op.collect()
-        for out in outputs:
-            if out.finished:
-                self._groups.pop(out.request_id, None)
-        return outputs
+        return sched
+
+    def _complete(self, sched: SchedulerOutput, handle: StepHandle) -> None:
+        """Wait for a step's results and apply them: tokens, stops, logprobs, text."""
+        op = self.output_processor
+        result = handle.get()
+        changed = self.scheduler.update_from_output(sched, result.sampled)
+        for sid, (start, entries) in result.prompt_logprobs.items():
+            op.add_prompt_logprobs(sid, start, entries)  # leader: sequence id == group id
+        stopped = op.process_tokens(changed, result.logprobs)
+        if stopped:
+            done = self.scheduler.finish_requests(
+                [s.request_id for s in stopped], RequestStatus.FINISHED_STOPPED
+            )
+            op.finish(done)
+
+    def _needs_sync(self) -> bool:
+        for req in self.scheduler.requests.values():
+            p = req.params
+            if (
+                req.pending_forks
+                or p.repetition_penalty != 1.0
+                or p.presence_penalty
+                or p.frequency_penalty
+                or req.num_output_tokens < p.min_tokens
+            ):
+                return True
+        return False
 
     # ---- stats -------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

@@ -99,12 +99,18 @@ class DecodeGraphs:
         slot_mapping: torch.Tensor,
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
+        fixups: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the smallest bucket that fits; inputs are CPU tensors of the real batch."""
+        """Replay the smallest bucket that fits; inputs are CPU tensors of the real batch.
+
+        ``fixups`` = (rows, device tokens) overwrite input ids still on the device.
+        """
         b = input_ids.shape[0]
         bs = next(x for x in self.buckets if x >= b)
         graph, hidden = self.graphs[bs]
         self.input_ids[:b].copy_(input_ids, non_blocking=True)
+        if fixups is not None:
+            self.input_ids[fixups[0]] = fixups[1]
         self.positions[:b].copy_(positions, non_blocking=True)
         self.slot_mapping[:b].copy_(slot_mapping, non_blocking=True)
         self.seq_lens[:b].copy_(seq_lens, non_blocking=True)

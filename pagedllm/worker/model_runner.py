@@ -9,7 +9,6 @@ back the sampled ids (and logprobs when asked).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -24,32 +23,16 @@ from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_pool_size import determine_num_blocks
+from pagedllm.worker.step_output import (
+    ModelRunnerOutput,
+    StepHandle,
+    TokenLogprobs,
+    logprob_rows,
+)
+
+__all__ = ["ModelRunner", "ModelRunnerOutput", "StepHandle", "TokenLogprobs"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs at one position: the chosen token first, then the top-k alternatives."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    rank: int
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)  # sequence id -> new token
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # sequence id -> (first prompt position these cover, one entry per position)
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-
-
-def _rows(ids: torch.Tensor, lps: torch.Tensor, ranks: torch.Tensor, ks: list[int]) -> list:
-    ids_l, lps_l, ranks_l = ids.tolist(), lps.tolist(), ranks.tolist()
-    return [
-        TokenLogprobs(ids_l[i][: 1 + k], lps_l[i][: 1 + k], ranks_l[i]) for i, k in enumerate(ks)
-    ]
 
 
 class ModelRunner:
@@ -69,6 +52,8 @@ class ModelRunner:
             layer.backend = self.backend
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
+        self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids (device)
+        self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
         self.num_blocks = determine_num_blocks(config, self)
         # One extra physical block past the pool: scratch for CUDA-graph padding rows.
         shape = (2, self.num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
@@ -104,12 +89,23 @@ class ModelRunner:
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        out = ModelRunnerOutput()
+        """Run one step and wait for its results."""
+        return self.execute_async(sched).get()
+
+    @torch.inference_mode()
+    def execute_async(self, sched: SchedulerOutput) -> StepHandle:
+        """Enqueue one step on the device; the returned handle's ``get()`` waits for it.
+
+        With async scheduling a request's last input token may still be on the device (sampled
+        by the previous step, not yet read back): it is taken from that step's sampled ids.
+        """
+        handle = StepHandle(self.device)
         if not sched.scheduled:
-            return out
+            return handle
         bs = self.block_size
+        fix_flat: list[int] = []  # input rows whose token is the previous step's sample
+        fix_src: list[int] = []
         ids_parts: list[list[int]] = []
         pos_parts: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
@@ -125,9 +121,14 @@ class ModelRunner:
         prompt_targets: list[int] = []
         for s in sched.scheduled:
             req = s.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            start, end = s.start, s.end
             row0 = query_start[-1]
-            ids_parts.append(req.all_token_ids[start:end])
+            ids = req.all_token_ids[start:end]
+            if len(ids) < end - start:  # the last token is still on the device
+                ids = ids + [0]
+                fix_flat.append(row0 + end - start - 1)
+                fix_src.append(self._last_rows[req.request_id])
+            ids_parts.append(ids)
             pos = np.arange(start, end, dtype=np.int64)
             table = np.asarray(s.block_ids, dtype=np.int64)
             pos_parts.append(pos)
@@ -153,23 +154,32 @@ class ModelRunner:
                     sample_src.append(len(logit_rows) - 1)
                     sample_ids.append(seq.request_id)
 
+        fixups = None
+        if fix_flat:
+            assert self._last_sampled is not None
+            src = self._last_sampled[torch.tensor(fix_src, device=self.device)]
+            fixups = (torch.tensor(fix_flat, device=self.device), src)
         hidden = self._run_model(
-            ids_parts, pos_parts, slot_parts, query_start, seq_lens, block_tables
+            ids_parts, pos_parts, slot_parts, query_start, seq_lens, block_tables, fixups
         )
         if not logit_rows:
-            return out
+            return handle.seal()
         dev = self.device
         if len(logit_rows) == hidden.shape[0] and logit_rows[-1] == len(logit_rows) - 1:
             logits = self.model.compute_logits(hidden)  # decode: every row samples
         else:
             logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
         if sample_rows:
-            self._sample(logits, sample_rows, sample_src, sample_ids, out)
+            self._sample(logits, sample_rows, sample_src, sample_ids, handle)
         if prompt_lp:
             self._prompt_logprobs(
-                logits[torch.tensor(prompt_rows, device=dev)], prompt_lp, prompt_targets, sched, out
+                logits[torch.tensor(prompt_rows, device=dev)],
+                prompt_lp,
+                prompt_targets,
+                sched,
+                handle,
             )
-        return out
+        return handle.seal()
 
     def _run_model(
         self,
@@ -179,6 +189,7 @@ class ModelRunner:
         query_start: list[int],
         seq_lens: list[int],
         block_tables: list[list[int]],
+        fixups: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         input_ids = torch.from_numpy(np.fromiter(chain.from_iterable(ids_parts), np.int64))
         positions = torch.from_numpy(np.concatenate(pos_parts))
@@ -192,7 +203,7 @@ class ModelRunner:
         num_seqs = len(seq_lens)
         decode = query_start[-1] == num_seqs
         if self.graphs is not None and decode and num_seqs <= self.graphs.max_batch:
-            return self.graphs.run(input_ids, positions, slots, lens, tables)
+            return self.graphs.run(input_ids, positions, slots, lens, tables, fixups)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev, non_blocking=True),
@@ -205,9 +216,10 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         self.backend.prepare(meta)
-        return self._forward(
-            input_ids.to(dev, non_blocking=True), positions.to(dev, non_blocking=True), meta
-        )
+        ids_dev = input_ids.to(dev, non_blocking=True)
+        if fixups is not None:
+            ids_dev[fixups[0]] = fixups[1]
+        return self._forward(ids_dev, positions.to(dev, non_blocking=True), meta)
 
     def _sample(
         self,
@@ -215,22 +227,36 @@ class ModelRunner:
         rows: list[SamplingRow],
         src: list[int],
         ids: list[str],
-        out: ModelRunnerOutput,
+        handle: StepHandle,
     ) -> None:
-        row_logits = logits[torch.tensor(src, device=self.device)]
+        if src == list(range(logits.shape[0])):
+            row_logits = logits
+        else:
+            row_logits = logits[torch.tensor(src, device=self.device)]
         meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
         res = self.sampler(row_logits, meta)
-        tokens = res.sampled_token_ids.tolist()
-        for seq_id, tok in zip(ids, tokens, strict=True):
-            out.sampled[seq_id] = tok
-        if res.logprob_token_ids is None:
-            return
-        assert res.logprobs is not None and res.sampled_token_ranks is not None
+        self._last_sampled = res.sampled_token_ids
+        self._last_rows = {seq_id: i for i, seq_id in enumerate(ids)}
+        tokens = handle.to_host(res.sampled_token_ids)
+        lp = None
+        if res.logprob_token_ids is not None:
+            assert res.logprobs is not None and res.sampled_token_ranks is not None
+            lp = tuple(
+                handle.to_host(t)
+                for t in (res.logprob_token_ids, res.logprobs, res.sampled_token_ranks)
+            )
         ks = [r.params.logprobs if r.params.logprobs is not None else -1 for r in rows]
-        entries = _rows(res.logprob_token_ids, res.logprobs, res.sampled_token_ranks, ks)
-        for seq_id, k, entry in zip(ids, ks, entries, strict=True):
-            if k >= 0:
-                out.logprobs[seq_id] = entry
+
+        def finish(out: ModelRunnerOutput) -> None:
+            out.sampled.update(zip(ids, tokens.tolist(), strict=True))
+            if lp is None:
+                return
+            entries = logprob_rows(*lp, ks)
+            for seq_id, k, entry in zip(ids, ks, entries, strict=True):
+                if k >= 0:
+                    out.logprobs[seq_id] = entry
+
+        handle.on_ready(finish)
 
     def _prompt_logprobs(
         self,
@@ -238,16 +264,20 @@ class ModelRunner:
         spans: list[tuple[str, int, int]],
         targets: list[int],
         sched: SchedulerOutput,
-        out: ModelRunnerOutput,
+        handle: StepHandle,
     ) -> None:
         """``logits`` row j predicts ``targets[j]``, the prompt token after that position."""
         k_of = {s.request.request_id: s.request.params.prompt_logprobs for s in sched.scheduled}
         num_top = max(k or 0 for k in k_of.values())
-        ids, lps, ranks = compute_logprobs(
-            logits, torch.tensor(targets, device=self.device), num_top
-        )
-        entries = _rows(ids, lps, ranks, [k_of[sid] or 0 for sid, _, n in spans for _ in range(n)])
-        pos = 0
-        for sid, start, n in spans:
-            out.prompt_logprobs[sid] = (start, entries[pos : pos + n])
-            pos += n
+        res = compute_logprobs(logits, torch.tensor(targets, device=self.device), num_top)
+        host = [handle.to_host(t) for t in res]
+        ks = [k_of[sid] or 0 for sid, _, n in spans for _ in range(n)]
+
+        def finish(out: ModelRunnerOutput) -> None:
+            entries = logprob_rows(*host, ks)
+            pos = 0
+            for sid, start, n in spans:
+                out.prompt_logprobs[sid] = (start, entries[pos : pos + n])
+                pos += n
+
+        handle.on_ready(finish)

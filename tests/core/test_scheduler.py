@@ -183,6 +183,7 @@ def check_state(sched: Scheduler, out: SchedulerOutput | None = None) -> None:
 
     ``out``: the step just scheduled and not yet computed (its chunks have their blocks).
     """
+    # Scheduled tokens count as computed from schedule() on; these are not on the device yet.
     pending = {s.request.request_id: s.num_new_tokens for s in out.scheduled} if out else {}
     kv = sched.kv
     bs = sched.block_size
@@ -208,15 +209,16 @@ def check_state(sched: Scheduler, out: SchedulerOutput | None = None) -> None:
     seen: dict[int, tuple[int, list[int]]] = {}
     for r in sched.running:
         blocks = kv.req_blocks[r.request_id]
-        assert len(blocks) * bs >= r.num_computed_tokens, "table does not cover computed tokens"
-        want = cdiv(r.num_computed_tokens + pending.get(r.request_id, 0), bs)
+        computed = r.num_computed_tokens - pending.get(r.request_id, 0)
+        assert len(blocks) * bs >= computed, "table does not cover computed tokens"
+        want = cdiv(r.num_computed_tokens, bs)
         assert len(blocks) == want, "table holds unused blocks"
-        assert r.num_computed_tokens < r.num_tokens
+        assert computed < r.num_tokens
         for i, b in enumerate(blocks):
             if b.ref_cnt > 1:  # shared: must be full of computed tokens for every owner
-                assert (i + 1) * bs <= r.num_computed_tokens, "a shared block is still written"
+                assert (i + 1) * bs <= computed, "a shared block is still written"
             if b.block_hash is not None:  # indexed content must be this request's content
-                assert (i + 1) * bs <= r.num_computed_tokens
+                assert (i + 1) * bs <= computed
                 parent = None if i == 0 else hash_block_chain(r.all_token_ids, i, bs)
                 assert b.block_hash == hash_block(parent, r.all_token_ids[i * bs : (i + 1) * bs])
             content = r.all_token_ids[: (i + 1) * bs]
@@ -249,10 +251,10 @@ def check_step(
         req = s.request
         assert req.status == RequestStatus.RUNNING and req in sched.running
         assert s.num_new_tokens >= 1
-        assert req.num_computed_tokens + s.num_new_tokens <= req.num_tokens
+        assert s.end == req.num_computed_tokens <= req.num_tokens
         assert s.block_ids == sched.kv.block_ids(req.request_id)
-        assert len(s.block_ids) * bs >= req.num_computed_tokens + s.num_new_tokens
-        assert len(s.block_ids) == cdiv(req.num_computed_tokens + s.num_new_tokens, bs)
+        assert len(s.block_ids) * bs >= s.end
+        assert len(s.block_ids) == cdiv(s.end, bs)
         if not chunked and req.request_id in was_waiting:  # admitted: whole prefill at once
             assert s.samples
     if out.preempted:  # nobody is admitted in a step that preempts
@@ -589,7 +591,7 @@ def test_no_chunked_prefill_never_splits_a_forked_prefill() -> None:
         out = orig(self)
         for s in out.scheduled:
             r = s.request
-            chunks.append((r.request_id, s.num_new_tokens, r.num_tokens - r.num_computed_tokens))
+            chunks.append((r.request_id, s.num_new_tokens, r.num_tokens - s.start))
         return out
 
     with pytest.MonkeyPatch.context() as mp:

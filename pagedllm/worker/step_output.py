@@ -1,0 +1,74 @@
+"""A step's results: what the engine reads back, and the handle that defers the read.
+
+``StepHandle`` starts the device-to-host copies right after the step's sampling is enqueued
+(into pinned memory, behind a CUDA event), so the engine can launch the next step first and
+only then wait for these results: the one host sync per step no longer stalls the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one position: the chosen token first, then the top-k alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)  # sequence id -> new token
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # sequence id -> (first prompt position these cover, one entry per position)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+def logprob_rows(
+    ids: torch.Tensor, lps: torch.Tensor, ranks: torch.Tensor, ks: list[int]
+) -> list[TokenLogprobs]:
+    ids_l, lps_l, ranks_l = ids.tolist(), lps.tolist(), ranks.tolist()
+    return [
+        TokenLogprobs(ids_l[i][: 1 + k], lps_l[i][: 1 + k], ranks_l[i]) for i, k in enumerate(ks)
+    ]
+
+
+class StepHandle:
+    """Device results of one step; ``get()`` waits for them and builds the output."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._finalizers: list[Callable[[ModelRunnerOutput], None]] = []
+        self._event: torch.cuda.Event | None = None
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """Start copying ``t`` to the host; valid once ``get()`` has waited."""
+        if self.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def on_ready(self, fn: Callable[[ModelRunnerOutput], None]) -> None:
+        self._finalizers.append(fn)
+
+    def seal(self) -> StepHandle:
+        """Mark the end of this step's copies on the stream."""
+        if self.device.type == "cuda" and self._finalizers:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self
+
+    def get(self) -> ModelRunnerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        out = ModelRunnerOutput()
+        for fn in self._finalizers:
+            fn(out)
+        return out
