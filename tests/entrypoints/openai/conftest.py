@@ -31,6 +31,7 @@ MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 512
 MAX_BODY_BYTES = 1_000_000
 _STARTUP_TIMEOUT_S = 120.0
+_REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -100,6 +101,7 @@ def launch(
     if api_key:
         cmd += ["--api-key", api_key]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
     env.pop("PAGEDLLM_API_KEY", None)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
