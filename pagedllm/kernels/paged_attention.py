@@ -142,7 +142,10 @@ def mixed_programs(
         for first in range(0, q_len, block_q):
             seqs.append(i)
             firsts.append(first)
-    both = torch.tensor([seqs, firsts], dtype=torch.int32).to(device, non_blocking=True)
+    both = torch.tensor([seqs, firsts], dtype=torch.int32)
+    if device.type == "cuda":
+        both = both.pin_memory()
+    both = both.to(device, non_blocking=True)
     return both[0], both[1]
 
 

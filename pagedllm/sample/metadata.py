@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.device_utils import h2d
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -98,7 +99,7 @@ class SamplingMetadata:
         all_random = not any(greedy)
 
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return h2d(values, torch.float32, device)
 
         temps = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
         temperature = None if all(t == 1.0 for t in temps) else f32(temps)
@@ -108,7 +109,7 @@ class SamplingMetadata:
             for r, g in zip(rows, greedy, strict=True)
         ]
         enabled_ks = [k for k in ks if k < v]
-        top_k = torch.tensor(ks, dtype=torch.int64, device=device) if enabled_ks else None
+        top_k = h2d(ks, torch.int64, device) if enabled_ks else None
 
         ps = [1.0 if g else r.params.top_p for r, g in zip(rows, greedy, strict=True)]
         top_p = f32(ps) if any(p < 1.0 for p in ps) else None
@@ -147,7 +148,7 @@ class SamplingMetadata:
             vocab_size=v,
             all_greedy=all_greedy,
             all_random=all_random,
-            greedy_mask=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy_mask=h2d(greedy, torch.bool, device),
             temperature=None if all_greedy else temperature,
             top_k=top_k,
             max_top_k=max(enabled_ks, default=0),
@@ -162,12 +163,8 @@ class SamplingMetadata:
             frequency_penalties=f32(freqs) if has_out else None,
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
-            min_tokens_rows=(
-                torch.tensor(mt_rows, dtype=torch.int64, device=device) if has_mt else None
-            ),
-            min_tokens_tokens=(
-                torch.tensor(mt_toks, dtype=torch.int64, device=device) if has_mt else None
-            ),
+            min_tokens_rows=(h2d(mt_rows, torch.int64, device) if has_mt else None),
+            min_tokens_tokens=(h2d(mt_toks, torch.int64, device) if has_mt else None),
             max_num_logprobs=max(requested) if requested else None,
         )
 
@@ -176,4 +173,4 @@ def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.Tens
     """Right-pad token lists into a ``[B, max(1, L)]`` int64 tensor filled with ``pad_id``."""
     width = max(1, max((len(s) for s in seqs), default=0))
     padded = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
-    return torch.tensor(padded, dtype=torch.int64, device=device)
+    return h2d(padded, torch.int64, device)

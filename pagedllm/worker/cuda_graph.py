@@ -108,14 +108,14 @@ class DecodeGraphs:
         b = input_ids.shape[0]
         bs = next(x for x in self.buckets if x >= b)
         graph, hidden = self.graphs[bs]
-        self.input_ids[:b].copy_(input_ids, non_blocking=True)
+        self.input_ids[:b].copy_(input_ids.pin_memory(), non_blocking=True)
         if fixups is not None:
             self.input_ids[fixups[0]] = fixups[1]
-        self.positions[:b].copy_(positions, non_blocking=True)
-        self.slot_mapping[:b].copy_(slot_mapping, non_blocking=True)
-        self.seq_lens[:b].copy_(seq_lens, non_blocking=True)
+        self.positions[:b].copy_(positions.pin_memory(), non_blocking=True)
+        self.slot_mapping[:b].copy_(slot_mapping.pin_memory(), non_blocking=True)
+        self.seq_lens[:b].copy_(seq_lens.pin_memory(), non_blocking=True)
         width = block_tables.shape[1]
-        self.block_tables[:b, :width].copy_(block_tables, non_blocking=True)
+        self.block_tables[:b, :width].copy_(block_tables.pin_memory(), non_blocking=True)
         if bs > b:  # padding rows: one-token context in the scratch slot
             self.slot_mapping[b:bs].fill_(self.pad_slot)
             self.seq_lens[b:bs].fill_(1)

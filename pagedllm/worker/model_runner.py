@@ -16,6 +16,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.device_utils import h2d
 from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.models.loader import load_model
@@ -157,8 +158,8 @@ class ModelRunner:
         fixups = None
         if fix_flat:
             assert self._last_sampled is not None
-            src = self._last_sampled[torch.tensor(fix_src, device=self.device)]
-            fixups = (torch.tensor(fix_flat, device=self.device), src)
+            src = self._last_sampled[h2d(fix_src, torch.int64, self.device)]
+            fixups = (h2d(fix_flat, torch.int64, self.device), src)
         hidden = self._run_model(
             ids_parts, pos_parts, slot_parts, query_start, seq_lens, block_tables, fixups
         )
@@ -168,12 +169,12 @@ class ModelRunner:
         if len(logit_rows) == hidden.shape[0] and logit_rows[-1] == len(logit_rows) - 1:
             logits = self.model.compute_logits(hidden)  # decode: every row samples
         else:
-            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
+            logits = self.model.compute_logits(hidden[h2d(logit_rows, torch.int64, dev)])
         if sample_rows:
             self._sample(logits, sample_rows, sample_src, sample_ids, handle)
         if prompt_lp:
             self._prompt_logprobs(
-                logits[torch.tensor(prompt_rows, device=dev)],
+                logits[h2d(prompt_rows, torch.int64, dev)],
                 prompt_lp,
                 prompt_targets,
                 sched,
@@ -206,20 +207,20 @@ class ModelRunner:
             return self.graphs.run(input_ids, positions, slots, lens, tables, fixups)
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=lens.to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
+            slot_mapping=h2d(slots, torch.int64, dev),
+            query_start_loc=h2d(query_start, torch.int32, dev),
+            seq_lens=h2d(lens, torch.int32, dev),
+            block_tables=h2d(tables, torch.int32, dev),
             max_query_len=max(b - a for a, b in zip(query_start, query_start[1:], strict=False)),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
         )
         self.backend.prepare(meta)
-        ids_dev = input_ids.to(dev, non_blocking=True)
+        ids_dev = h2d(input_ids, torch.int64, dev)
         if fixups is not None:
             ids_dev[fixups[0]] = fixups[1]
-        return self._forward(ids_dev, positions.to(dev, non_blocking=True), meta)
+        return self._forward(ids_dev, h2d(positions, torch.int64, dev), meta)
 
     def _sample(
         self,
@@ -232,7 +233,7 @@ class ModelRunner:
         if src == list(range(logits.shape[0])):
             row_logits = logits
         else:
-            row_logits = logits[torch.tensor(src, device=self.device)]
+            row_logits = logits[h2d(src, torch.int64, self.device)]
         meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
         res = self.sampler(row_logits, meta)
         self._last_sampled = res.sampled_token_ids
@@ -269,7 +270,7 @@ class ModelRunner:
         """``logits`` row j predicts ``targets[j]``, the prompt token after that position."""
         k_of = {s.request.request_id: s.request.params.prompt_logprobs for s in sched.scheduled}
         num_top = max(k or 0 for k in k_of.values())
-        res = compute_logprobs(logits, torch.tensor(targets, device=self.device), num_top)
+        res = compute_logprobs(logits, h2d(targets, torch.int64, self.device), num_top)
         host = [handle.to_host(t) for t in res]
         ks = [k_of[sid] or 0 for sid, _, n in spans for _ in range(n)]
 
