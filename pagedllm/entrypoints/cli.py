@@ -25,6 +25,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule step N+1 while step N runs (default: on for CUDA)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
@@ -42,6 +48,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
         enable_chunked_prefill=args.enable_chunked_prefill,
         load_format=args.load_format,
         seed=args.seed,
+        async_scheduling=args.async_scheduling,
     )
 
 
