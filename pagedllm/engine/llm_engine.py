@@ -10,7 +10,6 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -39,10 +38,7 @@ class LLMEngine:
         self._pending_finished: list[Request] = []
         self._next_id = 0
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None  # async scheduling
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> LLMEngine:
-        return cls(EngineConfig(**kwargs))
+        self._sync_groups: set[str] = set()  # requests that force synchronous steps
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults applied."""
@@ -117,6 +113,8 @@ class LLMEngine:
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add_request(seqs[0])  # raises if it can never fit
         self._groups[request_id] = [s.request_id for s in seqs]
+        if _needs_sync(params):
+            self._sync_groups.add(request_id)
         self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
         return request_id
 
@@ -146,7 +144,7 @@ class LLMEngine:
         if self._pending_finished:
             op.finish(self._pending_finished)
             self._pending_finished = []
-        if not self.config.async_scheduling or self._needs_sync():
+        if not self.config.async_scheduling or self._sync_groups:
             if self._inflight is not None:  # drain the step in flight first
                 self._complete(*self._inflight)
                 self._inflight = None
@@ -164,6 +162,7 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self._groups.pop(out.request_id, None)
+                self._sync_groups.discard(out.request_id)
         return outputs
 
     def _schedule(self) -> SchedulerOutput:
@@ -191,18 +190,7 @@ class LLMEngine:
             )
             op.finish(done)
 
-    def _needs_sync(self) -> bool:
-        for req in self.scheduler.requests.values():
-            p = req.params
-            if (
-                req.pending_forks
-                or p.repetition_penalty != 1.0
-                or p.presence_penalty
-                or p.frequency_penalty
-                or req.num_output_tokens < p.min_tokens
-            ):
-                return True
-        return False
+
 
     # ---- stats -------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -216,3 +204,15 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_kv_blocks": kv.pool.num_blocks,
         }
+
+
+def _needs_sync(params: SamplingParams) -> bool:
+    """Sampling that reads the request's own latest tokens (penalties, min_tokens) or forks
+    n > 1 siblings can't run one step ahead of the token read-back."""
+    return (
+        params.n > 1
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or params.min_tokens > 0
+    )
