@@ -68,6 +68,15 @@ def is_chat_endpoint(endpoint: str) -> bool:
     )
 
 
+def _carries_no_tokens(chunk: dict[str, Any]) -> bool:
+    """A chunk that only opens (chat role) or closes (finish_reason) a choice."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return True
+    first = choices[0]
+    return first.get("finish_reason") is not None or "role" in (first.get("delta") or {})
+
+
 def _chunk_text(chunk: dict[str, Any], chat: bool) -> str | None:
     """The content of a chunk's first choice ('' when empty), ``None`` without choices."""
     choices = chunk.get("choices")
@@ -188,8 +197,8 @@ class ServeClient:
                         continue
                     if first_choice is None:
                         first_choice = now
-                    if not text:
-                        continue
+                    if not text and _carries_no_tokens(chunk):
+                        continue  # TTFT/ITL count chunks that carry tokens, as vLLM's client
                     if res.num_content_chunks == 0:
                         res.ttft = now - res.start
                     else:

@@ -65,20 +65,30 @@ class FakeServer:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
 
-            async def send(text: str | None, usage: dict[str, int] | None = None) -> None:
-                choice = {"index": 0, "delta": {"content": text}} if chat else {"text": text}
+            async def send(
+                text: str | None,
+                usage: dict[str, int] | None = None,
+                extra: dict[str, Any] | None = None,
+            ) -> None:
+                choice: dict[str, Any] = (
+                    {"index": 0, "delta": {"content": text}} if chat else {"text": text}
+                )
+                if extra and "role" in extra:
+                    choice["delta"]["role"] = extra["role"]
+                elif extra:
+                    choice.update(extra)
                 chunk = {"choices": [] if text is None else [choice], "usage": usage}
                 await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-            if chat:
-                await send("")  # the role chunk: must not count as the first token
+            if chat:  # the role chunk: must not count as the first token
+                await send("", extra={"role": "assistant"})
             await asyncio.sleep(self.ttft_s)
             k = int(body.get("max_tokens") or body["max_completion_tokens"])
             for i in range(k):
                 if i:
                     await asyncio.sleep(self.itl_s)
                 await send(f" w{i}")
-            await send("")  # the finish chunk
+            await send("", extra={"finish_reason": "length"})  # the finish chunk
             if self.send_usage and body.get("stream_options", {}).get("include_usage"):
                 n_in = len(body["prompt"]) if not chat else 7
                 await send(None, {"prompt_tokens": n_in, "completion_tokens": k})

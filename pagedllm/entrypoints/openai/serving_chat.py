@@ -195,7 +195,7 @@ class _ChatCtx:
                 count.value += len(ids)
                 usage = self._usage(count.value, cached) if self._continuous_usage else None
                 lp = self._logprobs(ids, c.logprobs) if ids else None
-                if c.text or lp is not None:
+                if c.text or ids:  # every step with new tokens streams a chunk, as vLLM
                     delta = {"content": c.text}
                     choice = ChatStreamChoice(index=c.index, delta=delta, logprobs=lp)
                     yield self._chunk(choice, usage)

@@ -232,7 +232,7 @@ class _Ctx:
                 usage = None
                 if self._continuous_usage:
                     usage = self._usage(tracker_results, count.value)
-                if text or (lp is not None and lp.tokens):
+                if text or ids or (lp is not None and lp.tokens):  # token progress, as vLLM
                     yield self._chunk(CompletionChoice(index=idx, text=text, logprobs=lp), usage)
                 if c.finish_reason is not None:
                     choice = CompletionChoice(
