@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.core_proc import EngineProcess
-from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.engine.input_processing import tokenize_prompt, validate_request
 from pagedllm.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -102,12 +102,11 @@ class AsyncLLM:
 
     # ---- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        return LLMEngine.tokenize(cast(LLMEngine, self), prompt)  # same as the engine's
+        return tokenize_prompt(self.tokenizer, prompt)  # same as the engine's
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """``LLMEngine.validate`` (it only reads ``config``): raise ValueError, or return the
-        request's effective max_tokens."""
-        return LLMEngine.validate(cast(LLMEngine, self), prompt_token_ids, params)
+        """The engine's checks: raise ValueError, or return the effective max_tokens."""
+        return validate_request(self.config, prompt_token_ids, params)
 
     async def generate(
         self,

@@ -16,6 +16,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.engine.input_processing import tokenize_prompt, validate_request
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
@@ -50,30 +51,10 @@ class LLMEngine:
         return str(self._next_id - 1)
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
-        return [int(t) for t in prompt]
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Raise ValueError if the request can't run; return its effective max_tokens."""
-        vocab = self.config.model_config.vocab_size
-        max_len = self.config.max_model_len
-        assert max_len is not None
-        if not prompt_ids:
-            raise ValueError("The prompt is empty; at least one prompt token is required.")
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"Prompt token ids must be in [0, {vocab}) (the model's vocab size).")
-        if len(prompt_ids) >= max_len:
-            raise ValueError(
-                f"The prompt has {len(prompt_ids)} tokens, but max_model_len is {max_len}: "
-                f"prompts may have at most {max_len - 1} tokens to leave room for output."
-            )
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            if k is not None and k > vocab:
-                raise ValueError(f"{name}={k} exceeds the vocabulary size ({vocab}).")
-        room = max_len - len(prompt_ids)
-        return room if params.max_tokens is None else min(params.max_tokens, room)
+        return validate_request(self.config, prompt_ids, params)
 
     def add_request(
         self,
@@ -189,8 +170,6 @@ class LLMEngine:
                 [s.request_id for s in stopped], RequestStatus.FINISHED_STOPPED
             )
             op.finish(done)
-
-
 
     # ---- stats -------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
