@@ -381,3 +381,19 @@ async def chain(
     yield first
     async for item in rest:
         yield item
+
+
+class StreamOptionsMixin:
+    """``stream_options`` switches shared by the chat and completions formatters."""
+
+    req: Any
+
+    @property
+    def _include_usage(self) -> bool:
+        opts = self.req.stream_options
+        return bool(opts and opts.include_usage)
+
+    @property
+    def _continuous_usage(self) -> bool:
+        opts = self.req.stream_options
+        return bool(opts and opts.include_usage and opts.continuous_usage_stats)

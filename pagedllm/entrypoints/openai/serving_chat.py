@@ -34,6 +34,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_base import (
     MAX_LOGPROBS,
     OpenAIServing,
+    StreamOptionsMixin,
     random_id,
 )
 from pagedllm.outputs import RequestOutput
@@ -111,7 +112,7 @@ class ChatServing(OpenAIServing):
         )
 
 
-class _ChatCtx:
+class _ChatCtx(StreamOptionsMixin):
     """Per-request formatting state."""
 
     def __init__(
@@ -162,10 +163,6 @@ class _ChatCtx:
             usage=self._usage(completion_tokens, r.num_cached_tokens),
         )
 
-    @property
-    def _include_usage(self) -> bool:
-        return bool(self.req.stream_options and self.req.stream_options.include_usage)
-
     def _chunk(self, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> str:
         chunk = ChatCompletionChunk(
             id=self.id,
@@ -175,11 +172,6 @@ class _ChatCtx:
             usage=usage if self._continuous_usage else None,
         )
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
-
-    @property
-    def _continuous_usage(self) -> bool:
-        opts = self.req.stream_options
-        return bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
     async def chunks(
         self, items: AsyncIterator[tuple[int, RequestOutput]], count: TokenCount

@@ -35,6 +35,7 @@ from pagedllm.entrypoints.openai.serving_base import (
     MAX_LOGPROBS,
     MAX_PROMPTS,
     OpenAIServing,
+    StreamOptionsMixin,
     random_id,
 )
 from pagedllm.outputs import Logprob, RequestOutput
@@ -102,7 +103,7 @@ class CompletionServing(OpenAIServing):
         )
 
 
-class _Ctx:
+class _Ctx(StreamOptionsMixin):
     """Per-request formatting state (ids, echo prefixes, streaming offsets)."""
 
     def __init__(
@@ -195,15 +196,6 @@ class _Ctx:
             usage=usage if self._continuous_usage else None,
         )
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
-
-    @property
-    def _continuous_usage(self) -> bool:
-        opts = self.req.stream_options
-        return bool(opts and opts.include_usage and opts.continuous_usage_stats)
-
-    @property
-    def _include_usage(self) -> bool:
-        return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
     async def chunks(
         self, items: AsyncIterator[tuple[int, RequestOutput]], count: TokenCount
