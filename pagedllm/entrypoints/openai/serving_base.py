@@ -384,9 +384,23 @@ async def chain(
 
 
 class StreamOptionsMixin:
-    """``stream_options`` switches shared by the chat and completions formatters."""
+    """``stream_options`` handling shared by the chat and completions formatters."""
 
     req: Any
+    id: str
+    created: int
+    model: str
+
+    def _stream_chunk(self, chunk_cls: Any, choice: Any, usage: Any = None) -> str:
+        """One SSE payload with a single choice; usage only when the client asked for it."""
+        chunk = chunk_cls(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[choice],
+            usage=usage if self._continuous_usage else None,
+        )
+        return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
 
     @property
     def _include_usage(self) -> bool:

@@ -164,14 +164,7 @@ class _ChatCtx(StreamOptionsMixin):
         )
 
     def _chunk(self, choice: ChatStreamChoice, usage: UsageInfo | None = None) -> str:
-        chunk = ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage if self._continuous_usage else None,
-        )
-        return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
+        return self._stream_chunk(ChatCompletionChunk, choice, usage)
 
     async def chunks(
         self, items: AsyncIterator[tuple[int, RequestOutput]], count: TokenCount

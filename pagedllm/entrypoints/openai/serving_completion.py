@@ -188,14 +188,7 @@ class _Ctx(StreamOptionsMixin):
         )
 
     def _chunk(self, choice: CompletionChoice, usage: UsageInfo | None = None) -> str:
-        chunk = CompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage if self._continuous_usage else None,
-        )
-        return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
+        return self._stream_chunk(CompletionChunk, choice, usage)
 
     async def chunks(
         self, items: AsyncIterator[tuple[int, RequestOutput]], count: TokenCount
