@@ -23,7 +23,9 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Triton compiles a variant per "== 1" / "% 16 == 0" value of each int argument: the block
+# table's width changes every mixed step, so specializing on it would recompile mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "scale_log2"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_ml_ptr,
@@ -134,7 +136,11 @@ def _group_pad(group: int) -> int:
 def mixed_programs(
     query_start_loc_cpu: list[int], block_q: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, first query token) of every program for a mixed batch."""
+    """(sequence, first query token) of every program for a mixed batch.
+
+    Both come from one [2, n] buffer whose row length is padded to a multiple of 4, so the
+    second row stays 16-byte aligned (Triton specializes on pointer alignment).
+    """
     seqs: list[int] = []
     firsts: list[int] = []
     for i in range(len(query_start_loc_cpu) - 1):
@@ -142,11 +148,13 @@ def mixed_programs(
         for first in range(0, q_len, block_q):
             seqs.append(i)
             firsts.append(first)
-    both = torch.tensor([seqs, firsts], dtype=torch.int32)
+    n = len(seqs)
+    pad = [0] * (-n % 4)
+    both = torch.tensor([seqs + pad, firsts + pad], dtype=torch.int32)
     if device.type == "cuda":
         both = both.pin_memory()
     both = both.to(device, non_blocking=True)
-    return both[0], both[1]
+    return both[0, :n], both[1, :n]
 
 
 def mixed_block_q(num_heads: int, num_kv_heads: int) -> int:
@@ -167,6 +175,8 @@ def paged_attention(
     num_splits: int = 1,
     programs: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of ``q`` [T, Hq, D] over the paged context; writes and returns ``out``.
 
@@ -204,7 +214,7 @@ def paged_attention(
         HQ=hq, GROUP=group, GROUP_P=gp, D=d, D_P=d_p, CACHE_BLOCK=cache_block,
         BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=num_splits, DECODE=decode,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(t, hq)](

@@ -46,6 +46,8 @@ class AttentionBackend(ABC):
     """Paged attention over a KV cache of shape [2, num_blocks, block_size, Hkv, D] per layer."""
 
     name: str = ""
+    # True if ``forward`` accepts k = v = None: the caller already wrote them into the cache.
+    accepts_written_kv: bool = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -69,12 +71,13 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, Hkv, D] (new tokens only). Returns [T, H, D]."""
+        """q: [T, H, D], k/v: [T, Hkv, D] (new tokens only; None if already written, see
+        ``accepts_written_kv``). Returns [T, H, D]."""
 
 
 _REGISTRY: dict[str, Callable[..., AttentionBackend]] = {}

@@ -27,11 +27,12 @@ class TorchNativeBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        assert k is not None and v is not None, "torch_native writes the KV cache itself"
         self.write_kv(kv_cache, k, v, meta.slot_mapping)
         if "decode_seqs" not in meta.extra:
             self.prepare(meta)

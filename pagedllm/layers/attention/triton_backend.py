@@ -22,6 +22,8 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 @register_backend("triton")
 class TritonBackend(AttentionBackend):
+    accepts_written_kv = True
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -45,13 +47,14 @@ class TritonBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        self.write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
+        if k is not None and v is not None:
+            self.write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
         return paged_attention(
             q,
             kv_cache,

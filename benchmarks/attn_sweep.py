@@ -1,0 +1,95 @@
+"""Decode paged-attention sweep: tile, warps, stages and KV splits against the KV-read roofline.
+
+python benchmarks/attn_sweep.py [--quick]
+
+For Qwen3-0.6B-like (16 q / 8 kv heads) and Llama-3-8B-like (32 / 8) heads, D = 128, bf16,
+block size 16, shuffled block tables: times the decode kernel (+ split merge) per
+(batch, context) and config with CUDA events, and prints achieved KV bandwidth (bytes of K
+and V read / time) next to the current default's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from pagedllm.kernels.paged_attention import paged_attention
+from pagedllm.layers.attention.triton_backend import decode_num_splits
+
+SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3-8b": (32, 8, 128)}
+CASES = [(1, 1024), (8, 1500), (32, 1500), (64, 1400), (128, 1200), (256, 1000)]
+
+
+def bench(fn, iters: int = 30) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3  # µs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bs = 16
+    results = []
+    for name, (hq, hkv, d) in SHAPES.items():
+        for b, ctx in CASES:
+            nblk = -(-ctx // bs)
+            cache = torch.randn(2, b * nblk + 1, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+            tables = torch.randperm(b * nblk, device="cuda", dtype=torch.int32).view(b, nblk)
+            seq_lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+            qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+            q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty_like(q)
+            kv_bytes = b * ctx * hkv * d * 2 * 2
+            base_split = decode_num_splits(b, hkv, ctx, sms)
+
+            inputs = (q, cache, out, tables, seq_lens, qsl, d**-0.5)
+
+            def run(block_n: int, warps: int, stages: int, splits: int, x=inputs) -> float:  # type: ignore[no-untyped-def]
+                return bench(
+                    lambda: paged_attention(
+                        *x,
+                        decode=True,
+                        num_splits=splits,
+                        block_n=block_n,
+                        num_warps=warps,
+                        num_stages=stages,
+                    )  # fmt: skip
+                )
+
+            default = run(64, 4, 2, base_split)
+            grid = itertools.product([32, 64, 128], [4, 8], [2, 3, 4])
+            if args.quick:
+                grid = itertools.product([64], [4, 8], [2, 3])
+            best = (default, (64, 4, 2, base_split))
+            for bn, w, st in grid:
+                t = run(bn, w, st, base_split)
+                best = min(best, (t, (bn, w, st, base_split)))
+            bn, w, st, _ = best[1]
+            for mult in (0.5, 2, 4):
+                sp = max(1, min(32, int(base_split * mult)))
+                if sp != base_split:
+                    t = run(bn, w, st, sp)
+                    best = min(best, (t, (bn, w, st, sp)))
+            row = {
+                "model": name, "batch": b, "ctx": ctx, "default_us": round(default, 1),
+                "default_gbs": round(kv_bytes / default / 1e3), "best_us": round(best[0], 1),
+                "best_gbs": round(kv_bytes / best[0] / 1e3), "best": best[1],
+            }  # fmt: skip
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

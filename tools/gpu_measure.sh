@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call that measures what issue 4's targets need, section by section.
+# Usage (repo root on the GPU machine, .whl and .carry/bench-models carried):
+#   bash tools/gpu_measure.sh OUT_DIR SECTION...
+# Sections: timeline-qwen (step timeline of the Qwen3-0.6B anchor workload),
+#   profile-qwen (decode-step kernel table), latency-llama (bench latency 1/8/32/128),
+#   throughput-llama (1000x1024/128 vs transformers on 256 of the prompts),
+#   throughput-qwen (the Qwen3 anchor workload), sweep (decode attention configs), tests.
+set -uo pipefail
+out=$1; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+M=.carry/bench-models
+for s in "$@"; do
+  echo "=== $s  ($(git rev-parse --short HEAD 2>/dev/null), $(date +%T))"
+  case $s in
+    timeline-qwen) python3 tools/step_timeline.py $M/qwen3-0.6b 2>&1 | grep -v -i warn ;;
+    profile-qwen) python3 tools/profile_step.py $M/qwen3-0.6b 2>&1 | grep -v -i warn | tail -40 ;;
+    latency-llama) python3 -m pagedllm.entrypoints.cli bench latency --model $M/llama-3-8b \
+        --load-format dummy --batch-sizes 1,8,32,128 --input-len 512 --output-len 128 \
+        --disable-tqdm --output-json "$out/latency-llama-3-8b.json" 2>&1 | grep -v -i warn | tail -30 ;;
+    throughput-llama) python3 -m pagedllm.entrypoints.cli bench throughput --model $M/llama-3-8b \
+        --load-format dummy --num-prompts 1000 --input-len 1024 --output-len 128 \
+        --max-num-seqs 512 --max-num-batched-tokens 16384 --baseline transformers \
+        --hf-num-prompts 256 --hf-batch-size 128 --disable-tqdm \
+        --output-json "$out/throughput-llama-3-8b.json" 2>&1 | grep -v -i warn | tail -30 ;;
+    throughput-qwen) python3 -m pagedllm.entrypoints.cli bench throughput --model $M/qwen3-0.6b \
+        --load-format dummy --num-prompts 256 --input-len-range 101:1023 \
+        --output-len-range 101:1023 --max-num-batched-tokens 8192 --disable-tqdm \
+        --output-json "$out/throughput-qwen3-0.6b.json" 2>&1 | grep -v -i warn | tail -30 ;;
+    sweep) python3 benchmarks/attn_sweep.py 2>&1 | grep -v -i warn ;;
+    tests) python3 -m pytest -q -m gpu tests -x 2>&1 | tail -15 ;;
+  esac
+done
