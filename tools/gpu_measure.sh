@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 M=.carry/bench-models
 for s in "$@"; do
-  echo "=== $s  ($(git rev-parse --short HEAD 2>/dev/null), $(date +%T))"
+  echo "=== $s  ($(date +%T))"
   case $s in
     timeline-qwen) python3 tools/step_timeline.py $M/qwen3-0.6b 2>&1 | grep -v -i warn ;;
     profile-qwen) python3 tools/profile_step.py $M/qwen3-0.6b 2>&1 | grep -v -i warn | tail -40 ;;
@@ -29,6 +29,8 @@ for s in "$@"; do
         --output-len-range 101:1023 --max-num-batched-tokens 8192 --disable-tqdm \
         --output-json "$out/throughput-qwen3-0.6b.json" 2>&1 | grep -v -i warn | tail -30 ;;
     sweep) python3 benchmarks/attn_sweep.py 2>&1 | grep -v -i warn ;;
-    tests) python3 -m pytest -q -m gpu tests -x 2>&1 | tail -15 ;;
+    profile-llama-b1) python3 tools/profile_step.py $M/llama-3-8b --num-seqs 1 2>&1 \
+        | grep -v -i warn | tail -24 ;;
+    tests) python3 -m pytest -q -m gpu tests/kernels tests/engine/test_gpu_e2e.py 2>&1 | tail -15 ;;
   esac
 done
