@@ -48,14 +48,28 @@ def bench(fn, iters: int = 20) -> float:  # type: ignore[no-untyped-def]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--layout",
+        choices=["NHD", "HND"],
+        default="NHD",
+        help="KV block layout: [block, token, head, dim] (the engine's) or [block, head, token, d]",
+    )
     args = ap.parse_args()
+    big = torch.empty(2**30, device="cuda", dtype=torch.bfloat16)
+    read_us = bench(big.sum, iters=5)
+    print(json.dumps({"read_roofline_gbs": round(2 * 2**30 / read_us / 1e3)}), flush=True)
+    del big
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bs = 16
     results = []
     for name, (hq, hkv, d) in SHAPES.items():
         for b, ctx in CASES:
             nblk = -(-ctx // bs)
-            cache = torch.randn(2, b * nblk + 1, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+            if args.layout == "NHD":
+                cache = torch.randn(2, b * nblk + 1, bs, hkv, d, device="cuda").bfloat16()
+            else:  # same logical shape, head-major storage inside each block
+                cache = torch.randn(2, b * nblk + 1, hkv, bs, d, device="cuda").bfloat16()
+                cache = cache.transpose(2, 3)
             tables = torch.randperm(b * nblk, device="cuda", dtype=torch.int32).view(b, nblk)
             seq_lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
             qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
@@ -81,7 +95,7 @@ def main() -> None:
             default = run(64, 4, 2, base_split)
             grid = itertools.product([32, 64, 128], [4, 8], [2, 3, 4])
             if args.quick:
-                grid = itertools.product([64], [4, 8], [2, 3])
+                grid = itertools.product([64, 128], [4, 8], [3, 4])
             best = (default, (64, 4, 2, base_split))
             for bn, w, st in grid:
                 t = run(bn, w, st, base_split)
@@ -93,7 +107,8 @@ def main() -> None:
                     t = run(bn, w, st, sp)
                     best = min(best, (t, (bn, w, st, sp)))
             row = {
-                "model": name, "batch": b, "ctx": ctx, "default_us": round(default, 1),
+                "layout": args.layout, "model": name, "batch": b, "ctx": ctx,
+                "default_us": round(default, 1),
                 "default_gbs": round(kv_bytes / default / 1e3), "best_us": round(best[0], 1),
                 "best_gbs": round(kv_bytes / best[0] / 1e3), "best": best[1],
             }  # fmt: skip

@@ -29,6 +29,8 @@ for s in "$@"; do
         --output-len-range 101:1023 --max-num-batched-tokens 8192 --disable-tqdm \
         --output-json "$out/throughput-qwen3-0.6b.json" 2>&1 | grep -v -i warn | tail -30 ;;
     sweep) python3 benchmarks/attn_sweep.py 2>&1 | grep -v -i warn ;;
+    sweep-layouts) for l in NHD HND; do
+        python3 benchmarks/attn_sweep.py --quick --layout $l 2>&1 | grep -v -i warn; done ;;
     profile-llama-b1) python3 tools/profile_step.py $M/llama-3-8b --num-seqs 1 2>&1 \
         | grep -v -i warn | tail -24 ;;
     tests) python3 -m pytest -q -m gpu tests/kernels tests/engine/test_gpu_e2e.py 2>&1 | tail -15 ;;

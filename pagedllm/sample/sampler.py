@@ -10,6 +10,10 @@ Pipeline for one step, on a float32 copy of the model's ``[B, V]`` logits:
    unseeded rows draw ``q`` in one batched call, each seeded row draws its own ``q`` from
    its request's ``torch.Generator``, so its tokens do not depend on the rest of the batch.
 
+On CUDA, a batch whose random rows use temperature only (no top-k/top-p/min-p, penalties,
+min_tokens or seeds) takes one Triton pass instead (``kernels/sampling.py``: the Gumbel-max
+form of the same race, noise from a per-step seed drawn from torch's default generator).
+
 Logprobs (``compute_logprobs``) always come from the *raw* logits: ``log_softmax`` in fp32
 of the model output before any of the steps above, as vLLM v1 does by default.
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.layers.fused import use_fused
 from pagedllm.sample.metadata import SamplingMetadata
 from pagedllm.sample.penalties import apply_min_tokens, apply_penalties
 from pagedllm.sample.topk_topp import apply_min_p, apply_top_k_only, apply_top_k_top_p
@@ -93,6 +98,20 @@ def truncate_and_scale(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Te
     return logits
 
 
+def _gumbel_ok(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
+    """The one-pass GPU kernel covers temperature-only random rows (plus greedy rows)."""
+    return (
+        not meta.all_greedy
+        and meta.no_min_tokens
+        and meta.no_penalties
+        and meta.no_top_k
+        and meta.no_top_p
+        and meta.no_min_p
+        and not meta.generators
+        and use_fused(logits)
+    )
+
+
 class Sampler(torch.nn.Module):
     """Turns one step's ``[B, V]`` logits into sampled tokens (+ optional logprobs)."""
 
@@ -103,6 +122,15 @@ class Sampler(torch.nn.Module):
                 f"vocab_size={meta.vocab_size}"
             )
         raw = logits
+        if _gumbel_ok(logits, meta):
+            from pagedllm.kernels.sampling import gumbel_sample
+
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            sampled = gumbel_sample(logits.float(), meta.temperature, meta.greedy_mask, seed)
+            if meta.max_num_logprobs is None:
+                return SamplerOutput(sampled, None, None, None)
+            ids, lps, ranks = compute_logprobs(raw, sampled, meta.max_num_logprobs)
+            return SamplerOutput(sampled, ids, lps, ranks)
         modifies = not (meta.no_min_tokens and meta.no_penalties and meta.all_greedy)
         # Own fp32 copy when we will edit the logits; the raw ones are kept for logprobs.
         x = logits.to(torch.float32, copy=True) if modifies else logits.float()
