@@ -80,23 +80,23 @@ def main() -> None:
 
             inputs = (q, cache, out, tables, seq_lens, qsl, d**-0.5)
 
-            def run(block_n: int, warps: int, stages: int, splits: int, x=inputs) -> float:  # type: ignore[no-untyped-def]
+            def run(bn: int | None, warps: int, stages: int | None, splits: int, x=inputs) -> float:  # type: ignore[no-untyped-def]
                 return bench(
                     lambda: paged_attention(
                         *x,
                         decode=True,
                         num_splits=splits,
-                        block_n=block_n,
+                        block_n=bn,
                         num_warps=warps,
                         num_stages=stages,
                     )  # fmt: skip
                 )
 
-            default = run(64, 4, 2, base_split)
+            default = run(None, 4, None, base_split)  # the engine's choice
             grid = itertools.product([32, 64, 128], [4, 8], [2, 3, 4])
             if args.quick:
                 grid = itertools.product([64, 128], [4, 8], [3, 4])
-            best = (default, (64, 4, 2, base_split))
+            best = (default, (0, 4, 0, base_split))
             for bn, w, st in grid:
                 t = run(bn, w, st, base_split)
                 best = min(best, (t, (bn, w, st, base_split)))

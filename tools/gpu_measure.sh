@@ -15,6 +15,8 @@ for s in "$@"; do
   echo "=== $s  ($(date +%T))"
   case $s in
     timeline-qwen) python3 tools/step_timeline.py $M/qwen3-0.6b 2>&1 | grep -v -i warn ;;
+    timeline-qwen-ab) for f in --no-gumbel "" --no-gumbel ""; do echo "-- $f"
+        python3 tools/step_timeline.py $M/qwen3-0.6b $f 2>&1 | grep -v -i warn | head -10; done ;;
     profile-qwen) python3 tools/profile_step.py $M/qwen3-0.6b 2>&1 | grep -v -i warn | tail -40 ;;
     latency-llama) python3 -m pagedllm.entrypoints.cli bench latency --model $M/llama-3-8b \
         --load-format dummy --batch-sizes 1,8,32,128 --input-len 512 --output-len 128 \

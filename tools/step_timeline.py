@@ -33,7 +33,12 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--no-async", action="store_true")
+    ap.add_argument("--no-gumbel", action="store_true", help="general sampler path (A/B)")
     args = ap.parse_args()
+    if args.no_gumbel:
+        import pagedllm.sample.sampler as sampler_mod
+
+        sampler_mod._gumbel_ok = lambda *a: False  # type: ignore[assignment]
     lo, hi = (int(x) for x in args.len_range.split(":"))
     t0 = time.perf_counter()
     llm = LLM(

@@ -16,6 +16,8 @@ KV cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -129,6 +131,21 @@ def _merge_splits_kernel(
     )
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_tile(num_programs: int, device: torch.device) -> tuple[int, int]:
+    """(KV tokens per iteration, pipeline stages) for a decode launch of (seq, kv head) pairs.
+
+    H100 sweep: 4 stages read the KV at 2.97-2.99 TB/s at large batch (2 stages: 2.87);
+    when there are fewer (seq, head) pairs than SMs, 128-token tiles (with more splits)
+    cut batch-1 attention from 8 to 6 µs per layer.
+    """
+    return (128 if num_programs < _num_sms(device) else 64), 4
+
+
 def _group_pad(group: int) -> int:
     return max(triton.next_power_of_2(group), 1)
 
@@ -174,15 +191,16 @@ def paged_attention(
     decode: bool,
     num_splits: int = 1,
     programs: tuple[torch.Tensor, torch.Tensor] | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [T, Hq, D] over the paged context; writes and returns ``out``.
 
     ``decode=True`` needs every query length to be 1 (program i = sequence i) and may split
     the context ``num_splits`` ways. Otherwise ``programs`` (from ``mixed_programs``) lists
-    the work and ``num_splits`` must be 1.
+    the work and ``num_splits`` must be 1. ``block_n``/``num_stages`` default to what
+    ``benchmarks/attn_sweep.py`` measured best on an H100 (see ``decode_tile``).
     """
     t, hq, d = q.shape
     _, _, cache_block, hkv, _ = kv_cache.shape
@@ -191,6 +209,9 @@ def paged_attention(
     d_p = triton.next_power_of_2(d)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     if decode:
+        tile, stages = decode_tile(seq_lens.shape[0] * hkv, q.device)
+        block_n = block_n or tile
+        num_stages = num_stages or stages
         block_q = 1
         gp = max(gp, 16)  # tl.dot needs >= 16 rows
         grid = (seq_lens.shape[0], hkv, num_splits)
@@ -198,6 +219,8 @@ def paged_attention(
     else:
         assert programs is not None and num_splits == 1
         block_q = mixed_block_q(hq, hkv)  # block_q * gp >= 64 rows
+        block_n = block_n or 64
+        num_stages = num_stages or 2
         prog_seq, prog_q = programs
         grid = (prog_seq.shape[0], hkv, 1)
     if num_splits > 1:

@@ -14,9 +14,9 @@ from pagedllm.layers.attention.backend import AttentionBackend, AttentionMetadat
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Enough context slices to give every SM two programs, each slice >= 256 tokens."""
+    """Enough context slices to give every SM two programs, each slice >= 128 tokens."""
     want = triton.cdiv(2 * num_sms, max(num_seqs * num_kv_heads, 1))
-    most = triton.cdiv(max_seq_len, 256)
+    most = triton.cdiv(max_seq_len, 128)
     return max(1, min(triton.next_power_of_2(min(want, most)), 32))
 
 
