@@ -35,6 +35,7 @@ for s in "$@"; do
         python3 benchmarks/attn_sweep.py --quick --layout $l 2>&1 | grep -v -i warn; done ;;
     profile-llama-b1) python3 tools/profile_step.py $M/llama-3-8b --num-seqs 1 2>&1 \
         | grep -v -i warn | tail -24 ;;
+    sampler) python3 benchmarks/sampler_bench.py 2>&1 | grep -v -i warn ;;
     tests) python3 -m pytest -q -m gpu tests/kernels tests/engine/test_gpu_e2e.py 2>&1 | tail -15 ;;
   esac
 done
