@@ -1,12 +1,28 @@
-"""Linear layers that know how to load Hugging Face checkpoint shards into fused weights."""
+"""Linear layers: a skinny-batch fast path, and fused weights loaded from HF checkpoint shards."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
-class MergedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` that sends batches of at most ``skinny_max_rows`` rows (decode steps of
+    a few sequences) to the Triton skinny GEMM. 0 (the default) means never; the runner sets
+    it per layer from a start-up measurement against cuBLAS (``worker/linear_tuning.py``)."""
+
+    skinny_max_rows: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if 0 < x.shape[0] <= self.skinny_max_rows and x.dim() == 2 and x.stride(1) == 1:
+            from pagedllm.kernels.skinny_gemm import skinny_linear
+
+            return skinny_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
     """One GEMM for several projections that read the same input (q/k/v, gate/up).
 
     Checkpoints store the parts separately; ``load_shard`` copies part ``shard_id`` into

@@ -11,8 +11,9 @@ Pipeline for one step, on a float32 copy of the model's ``[B, V]`` logits:
    its request's ``torch.Generator``, so its tokens do not depend on the rest of the batch.
 
 On CUDA, a batch whose random rows use temperature only (no top-k/top-p/min-p, penalties,
-min_tokens or seeds) takes one Triton pass instead (``kernels/sampling.py``: the Gumbel-max
-form of the same race, noise from a per-step seed drawn from torch's default generator).
+min_tokens or seeds), greedy-only batches included, takes one Triton pass instead
+(``kernels/sampling.py``: the Gumbel-max form of the same race, noise from a per-step seed
+drawn from torch's default generator).
 
 Logprobs (``compute_logprobs``) always come from the *raw* logits: ``log_softmax`` in fp32
 of the model output before any of the steps above, as vLLM v1 does by default.
@@ -99,10 +100,9 @@ def truncate_and_scale(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Te
 
 
 def _gumbel_ok(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
-    """The one-pass GPU kernel covers temperature-only random rows (plus greedy rows)."""
+    """The one-pass GPU kernel covers greedy and temperature-only random rows."""
     return (
-        not meta.all_greedy
-        and meta.no_min_tokens
+        meta.no_min_tokens
         and meta.no_penalties
         and meta.no_top_k
         and meta.no_top_p
@@ -125,7 +125,7 @@ class Sampler(torch.nn.Module):
         if _gumbel_ok(logits, meta):
             from pagedllm.kernels.sampling import gumbel_sample
 
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, (1,)).item())
             sampled = gumbel_sample(logits.float(), meta.temperature, meta.greedy_mask, seed)
             if meta.max_num_logprobs is None:
                 return SamplerOutput(sampled, None, None, None)

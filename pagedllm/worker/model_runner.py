@@ -19,11 +19,13 @@ from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.device_utils import h2d
 from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
+from pagedllm.layers.fused import use_fused
 from pagedllm.models.loader import load_model
 from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_pool_size import determine_num_blocks
+from pagedllm.worker.linear_tuning import tune_skinny_linears
 from pagedllm.worker.step_output import (
     ModelRunnerOutput,
     StepHandle,
@@ -55,6 +57,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids (device)
         self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
+        if self.device.type == "cuda" and use_fused(next(self.model.parameters())):
+            tune_skinny_linears(self.model)
         self.num_blocks = determine_num_blocks(config, self)
         # One extra physical block past the pool: scratch for CUDA-graph padding rows.
         shape = (2, self.num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)

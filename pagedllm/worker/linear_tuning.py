@@ -1,0 +1,80 @@
+"""Start-up measurement: for which row counts does the Triton skinny GEMM beat cuBLAS?
+
+For every distinct (N, K) weight shape of the model's ``Linear`` layers and M in 1, 2, 4, 8,
+16 rows, both are timed from CUDA-graph replays (no launch overhead, as inside the decode
+graphs). Each layer's ``skinny_max_rows`` becomes the largest M up to which the Triton kernel
+was faster at every measured M; the table is logged. Half-precision CUDA models only (fp32
+keeps cuBLAS, whose fp32 GEMMs are exact rather than TF32).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pagedllm.layers.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+ROWS = (1, 2, 4, 8, 16)
+MIN_GAIN = 0.97  # Triton must take at most 97% of cuBLAS's time to be chosen
+
+
+def _graph_time_us(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (3 * reps)
+
+
+def tune_skinny_linears(model: nn.Module) -> None:
+    """Set ``skinny_max_rows`` on every ``Linear`` of a half-precision CUDA model."""
+    from pagedllm.kernels.skinny_gemm import skinny_linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    if not layers or layers[0].weight.device.type != "cuda":
+        return
+    if layers[0].weight.dtype not in (torch.float16, torch.bfloat16):
+        return
+    if any(layer.weight.stride(1) != 1 for layer in layers):
+        return
+    decided: dict[tuple[int, int, bool], int] = {}
+    lines = []
+    for layer in layers:
+        w, b = layer.weight, layer.bias
+        key = (w.shape[0], w.shape[1], b is not None)
+        if key not in decided:
+            best = 0
+            times = []
+            for m in ROWS:
+                x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
+                t_cublas = _graph_time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
+                t_triton = _graph_time_us(lambda x=x, w=w, b=b: skinny_linear(x, w, b))
+                times.append(f"M={m}: {t_cublas:.1f}/{t_triton:.1f}")
+                if t_triton > MIN_GAIN * t_cublas:
+                    break
+                best = m
+            decided[key] = best
+            lines.append(
+                f"  N={key[0]} K={key[1]}: skinny up to M={best} (cuBLAS/Triton µs {times})"
+            )
+        layer.skinny_max_rows = decided[key]
+    logger.info("Skinny GEMM dispatch (measured):\n%s", "\n".join(lines))
