@@ -11,31 +11,41 @@ out=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 M=.carry/bench-models
-for s in "$@"; do
-  echo "=== $s  ($(date +%T))"
+run_section() {
+  local s=$1
   case $s in
-    timeline-qwen) python3 tools/step_timeline.py $M/qwen3-0.6b 2>&1 | grep -v -i warn ;;
+    timeline-qwen) python3 tools/step_timeline.py $M/qwen3-0.6b ;;
     timeline-qwen-ab) for f in --no-gumbel "" --no-gumbel ""; do echo "-- $f"
         python3 tools/step_timeline.py $M/qwen3-0.6b $f 2>&1 | grep -v -i warn | head -10; done ;;
-    profile-qwen) python3 tools/profile_step.py $M/qwen3-0.6b 2>&1 | grep -v -i warn | tail -40 ;;
+    profile-qwen) python3 tools/profile_step.py $M/qwen3-0.6b ;;
     latency-llama) python3 -m pagedllm.entrypoints.cli bench latency --model $M/llama-3-8b \
         --load-format dummy --batch-sizes 1,8,32,128 --input-len 512 --output-len 128 \
-        --disable-tqdm --output-json "$out/latency-llama-3-8b.json" 2>&1 | grep -v -i warn | tail -30 ;;
+        --disable-tqdm --output-json "$out/latency-llama-3-8b.json" ;;
     throughput-llama) python3 -m pagedllm.entrypoints.cli bench throughput --model $M/llama-3-8b \
         --load-format dummy --num-prompts 1000 --input-len 1024 --output-len 128 \
         --max-num-seqs 512 --max-num-batched-tokens 16384 --baseline transformers \
         --hf-num-prompts 256 --hf-batch-size 128 --disable-tqdm \
-        --output-json "$out/throughput-llama-3-8b.json" 2>&1 | grep -v -i warn | tail -30 ;;
+        --output-json "$out/throughput-llama-3-8b.json" ;;
     throughput-qwen) python3 -m pagedllm.entrypoints.cli bench throughput --model $M/qwen3-0.6b \
         --load-format dummy --num-prompts 256 --input-len-range 101:1023 \
         --output-len-range 101:1023 --max-num-batched-tokens 8192 --disable-tqdm \
-        --output-json "$out/throughput-qwen3-0.6b.json" 2>&1 | grep -v -i warn | tail -30 ;;
-    sweep) python3 benchmarks/attn_sweep.py 2>&1 | grep -v -i warn ;;
+        --output-json "$out/throughput-qwen3-0.6b.json" ;;
+    sweep) python3 benchmarks/attn_sweep.py ;;
     sweep-layouts) for l in NHD HND; do
         python3 benchmarks/attn_sweep.py --quick --layout $l 2>&1 | grep -v -i warn; done ;;
     profile-llama-b1) python3 tools/profile_step.py $M/llama-3-8b --num-seqs 1 2>&1 \
         | grep -v -i warn | tail -24 ;;
-    sampler) python3 benchmarks/sampler_bench.py 2>&1 | grep -v -i warn ;;
-    tests) python3 -m pytest -q -m gpu tests/kernels tests/engine/test_gpu_e2e.py 2>&1 | tail -15 ;;
+    skinny) for m in llama-3-8b qwen3-0.6b; do python3 -c "import logging, sys
+logging.basicConfig(level=logging.INFO)
+from pagedllm import LLM
+LLM(sys.argv[1], load_format='dummy', enforce_eager=True)" $M/$m 2>&1 | grep -A7 "Skinny GEMM"; done ;;
+    sampler) python3 benchmarks/sampler_bench.py ;;
+    tests) python3 -m pytest -q -m gpu tests/kernels tests/engine/test_gpu_e2e.py ;;
   esac
+}
+for s in "$@"; do
+  echo "=== $s  ($(date +%T))"
+  run_section "$s" > "$out/$s.log" 2>&1
+  grep -v -i warn "$out/$s.log" | tail -${TAIL:-40}
 done
+exit 0
