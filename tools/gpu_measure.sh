@@ -39,6 +39,8 @@ run_section() {
 logging.basicConfig(level=logging.INFO)
 from pagedllm import LLM
 LLM(sys.argv[1], load_format='dummy', enforce_eager=True)" $M/$m 2>&1 | grep -A7 "Skinny GEMM"; done ;;
+    ab-latency) python3 tools/ab_latency.py $M/llama-3-8b ;;
+    serve) SECONDS_PER_RATE=30 bash tools/gpu_serve_bench.sh $M/llama-3-8b "$out" 4 8 16 ;;
     sampler) python3 benchmarks/sampler_bench.py ;;
     tests) python3 -m pytest -q -m gpu tests/kernels tests/engine/test_gpu_e2e.py ;;
   esac
