@@ -30,6 +30,9 @@ run_section() {
         --load-format dummy --num-prompts 256 --input-len-range 101:1023 \
         --output-len-range 101:1023 --max-num-batched-tokens 8192 --disable-tqdm \
         --output-json "$out/throughput-qwen3-0.6b.json" ;;
+    throughput-qwen-x3) for i in 1 2 3; do run_section throughput-qwen | grep "^| pagedllm"; done ;;
+    coldstart-llama) rm -rf ~/.triton/cache; python3 benchmarks/gpu_quick.py $M/llama-3-8b \
+        --num-prompts 64 --input-len 128 --output-len 16 ;;
     sweep) python3 benchmarks/attn_sweep.py ;;
     sweep-layouts) for l in NHD HND; do
         python3 benchmarks/attn_sweep.py --quick --layout $l 2>&1 | grep -v -i warn; done ;;
