@@ -30,6 +30,11 @@ run_section() {
         --load-format dummy --num-prompts 256 --input-len-range 101:1023 \
         --output-len-range 101:1023 --max-num-batched-tokens 8192 --disable-tqdm \
         --output-json "$out/throughput-qwen3-0.6b.json" ;;
+    qwen-tokens-ab) for t in 8192 16384 8192 16384; do echo "max_num_batched_tokens $t"
+        python3 -m pagedllm.entrypoints.cli bench throughput --model $M/qwen3-0.6b \
+        --load-format dummy --num-prompts 256 --input-len-range 101:1023 \
+        --output-len-range 101:1023 --max-num-batched-tokens $t --disable-tqdm \
+        --output-json "/tmp/q$t.json" 2>&1 | grep "^| pagedllm"; done ;;
     throughput-qwen-x3) for i in 1 2 3; do run_section throughput-qwen | grep "^| pagedllm"; done ;;
     coldstart-llama) rm -rf ~/.triton/cache; python3 benchmarks/gpu_quick.py $M/llama-3-8b \
         --num-prompts 64 --input-len 128 --output-len 16 ;;
