@@ -16,7 +16,8 @@ import json
 
 import torch
 
-from pagedllm.kernels.paged_attention import paged_attention
+from pagedllm.device_utils import cuda_graph_time_us
+from pagedllm.kernels.paged_attention import num_sms, paged_attention
 from pagedllm.layers.attention.triton_backend import decode_num_splits
 
 SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama-3-8b": (32, 8, 128)}
@@ -24,25 +25,8 @@ CASES = [(1, 640), (1, 4096), (8, 1500), (16, 1500), (32, 1500), (64, 1400), (25
 
 
 def bench(fn, iters: int = 20) -> float:  # type: ignore[no-untyped-def]
-    """GPU time per call (µs), replaying ``iters`` calls captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * iters) * 1e3
+    """GPU time per call (µs) from CUDA-graph replays."""
+    return cuda_graph_time_us(fn, reps=iters, replays=5)
 
 
 def main() -> None:
@@ -59,7 +43,7 @@ def main() -> None:
     read_us = bench(big.sum, iters=5)
     print(json.dumps({"read_roofline_gbs": round(2 * 2**30 / read_us / 1e3)}), flush=True)
     del big
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = num_sms(torch.device("cuda"))
     bs = 16
     results = []
     for name, (hq, hkv, d) in SHAPES.items():

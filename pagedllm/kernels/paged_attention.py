@@ -132,7 +132,8 @@ def _merge_splits_kernel(
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -143,7 +144,7 @@ def decode_tile(num_programs: int, device: torch.device) -> tuple[int, int]:
     when there are fewer (seq, head) pairs than SMs, 128-token tiles (with more splits)
     cut batch-1 attention from 8 to 6 µs per layer.
     """
-    return (128 if num_programs < _num_sms(device) else 64), 4
+    return (128 if num_programs < num_sms(device) else 64), 4
 
 
 def _group_pad(group: int) -> int:

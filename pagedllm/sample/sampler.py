@@ -112,6 +112,35 @@ def _gumbel_ok(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
     )
 
 
+def _sample_fused(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Steps 3 and 5 in one Triton pass (greedy rows: argmax; others: Gumbel-max)."""
+    from pagedllm.kernels.sampling import gumbel_sample
+
+    seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return gumbel_sample(logits.float(), meta.temperature, meta.greedy_mask, seed)
+
+
+def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Steps 1-5 of the module docstring in torch ops; ``logits`` itself is left untouched."""
+    modifies = not (meta.no_min_tokens and meta.no_penalties and meta.all_greedy)
+    # Own fp32 copy when we will edit the logits; the raw ones are kept for logprobs.
+    x = logits.to(torch.float32, copy=True) if modifies else logits.float()
+    x = apply_min_tokens(x, meta)
+    x = apply_penalties(x, meta)
+
+    greedy_tokens = None if meta.all_random else x.argmax(dim=-1)
+    if meta.all_greedy:
+        assert greedy_tokens is not None
+        sampled = greedy_tokens
+    else:
+        x = truncate_and_scale(x, meta)
+        probs = torch.softmax(x, dim=-1)
+        sampled = exponential_race(probs, meta.generators)
+        if greedy_tokens is not None:
+            sampled = torch.where(meta.greedy_mask, greedy_tokens, sampled)
+    return sampled
+
+
 class Sampler(torch.nn.Module):
     """Turns one step's ``[B, V]`` logits into sampled tokens (+ optional logprobs)."""
 
@@ -121,34 +150,8 @@ class Sampler(torch.nn.Module):
                 f"logits have {logits.shape[-1]} columns but metadata was built for "
                 f"vocab_size={meta.vocab_size}"
             )
-        raw = logits
-        if _gumbel_ok(logits, meta):
-            from pagedllm.kernels.sampling import gumbel_sample
-
-            seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, (1,)).item())
-            sampled = gumbel_sample(logits.float(), meta.temperature, meta.greedy_mask, seed)
-            if meta.max_num_logprobs is None:
-                return SamplerOutput(sampled, None, None, None)
-            ids, lps, ranks = compute_logprobs(raw, sampled, meta.max_num_logprobs)
-            return SamplerOutput(sampled, ids, lps, ranks)
-        modifies = not (meta.no_min_tokens and meta.no_penalties and meta.all_greedy)
-        # Own fp32 copy when we will edit the logits; the raw ones are kept for logprobs.
-        x = logits.to(torch.float32, copy=True) if modifies else logits.float()
-        x = apply_min_tokens(x, meta)
-        x = apply_penalties(x, meta)
-
-        greedy_tokens = None if meta.all_random else x.argmax(dim=-1)
-        if meta.all_greedy:
-            assert greedy_tokens is not None
-            sampled = greedy_tokens
-        else:
-            x = truncate_and_scale(x, meta)
-            probs = torch.softmax(x, dim=-1)
-            sampled = exponential_race(probs, meta.generators)
-            if greedy_tokens is not None:
-                sampled = torch.where(meta.greedy_mask, greedy_tokens, sampled)
-
+        sampled = _sample_fused(logits, meta) if _gumbel_ok(logits, meta) else _sample(logits, meta)
         if meta.max_num_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
-        ids, lps, ranks = compute_logprobs(raw, sampled, meta.max_num_logprobs)
+        ids, lps, ranks = compute_logprobs(logits, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled, ids, lps, ranks)

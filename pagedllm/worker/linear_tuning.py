@@ -10,39 +10,18 @@ keeps cuBLAS, whose fp32 GEMMs are exact rather than TF32).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagedllm.device_utils import cuda_graph_time_us
 from pagedllm.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16)
 MIN_GAIN = 0.97  # Triton must take at most 97% of cuBLAS's time to be chosen
-
-
-def _graph_time_us(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (3 * reps)
 
 
 def tune_skinny_linears(model: nn.Module) -> None:
@@ -66,8 +45,8 @@ def tune_skinny_linears(model: nn.Module) -> None:
             times = []
             for m in ROWS:
                 x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
-                t_cublas = _graph_time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
-                t_triton = _graph_time_us(lambda x=x, w=w, b=b: skinny_linear(x, w, b))
+                t_cublas = cuda_graph_time_us(lambda x=x, w=w, b=b: F.linear(x, w, b))
+                t_triton = cuda_graph_time_us(lambda x=x, w=w, b=b: skinny_linear(x, w, b))
                 times.append(f"M={m}: {t_cublas:.1f}/{t_triton:.1f}")
                 if t_triton > MIN_GAIN * t_cublas:
                     break

@@ -57,7 +57,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids (device)
         self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
-        if self.device.type == "cuda" and use_fused(next(self.model.parameters())):
+        if use_fused(next(self.model.parameters())):  # CUDA, fused kernels enabled
             tune_skinny_linears(self.model)
         self.num_blocks = determine_num_blocks(config, self)
         # One extra physical block past the pool: scratch for CUDA-graph padding rows.

@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 import triton
 
-from pagedllm.kernels.paged_attention import mixed_block_q, mixed_programs, paged_attention
+from pagedllm.kernels.paged_attention import (
+    mixed_block_q,
+    mixed_programs,
+    num_sms,
+    paged_attention,
+)
 from pagedllm.layers.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 
 
@@ -26,7 +31,7 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
-        self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        self.num_sms = num_sms(torch.device("cuda"))
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if "decode" in meta.extra:  # set by the CUDA-graph runner
@@ -54,7 +59,7 @@ class TritonBackend(AttentionBackend):
     ) -> torch.Tensor:
         if k is not None and v is not None:
             self.write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         return paged_attention(
             q,
             kv_cache,
