@@ -12,6 +12,8 @@ import torch
 
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -93,6 +95,9 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None
     max_num_seqs: int = 256
+    # "fcfs": arrival order, requests with priority != 0 are rejected; "priority": lower
+    # priority value first, then arrival (as vLLM's --scheduling-policy).
+    scheduling_policy: str = "fcfs"
     max_num_batched_tokens: int | None = None
     num_gpu_blocks: int | None = None  # KV pool size in blocks (overrides the two below)
     kv_cache_memory_bytes: int | None = None
@@ -165,6 +170,11 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise bad(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise bad(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                f"got {self.scheduling_policy!r}."
+            )
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = (
                 max(2048, self.max_num_seqs)

@@ -90,8 +90,14 @@ class Request:
 
     @property
     def sort_key(self) -> tuple[int, float, int]:
-        """Scheduling order: lower priority value first, then earlier arrival."""
+        """Priority scheduling order: lower priority value first, then earlier arrival."""
         return (self.priority, self.arrival_time, self.order)
+
+    @property
+    def arrival_key(self) -> tuple[float, int]:
+        """FCFS scheduling order: earlier arrival first (``order`` breaks ties, so the n > 1
+        siblings of a request queue right behind their leader)."""
+        return (self.arrival_time, self.order)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -2,14 +2,21 @@
 
 Every step, each running request is given the tokens it still needs (a prompt chunk or one
 decode token) within ``max_num_batched_tokens``, oldest first; then waiting requests are
-admitted (priority, then arrival order) while budget, ``max_num_seqs`` and KV blocks last.
-When the pool runs dry the newest running request is preempted: its blocks are freed and it
-is recomputed later (the prefix cache usually gives most of them back).
+admitted (arrival order; with ``scheduling_policy="priority"``, lower priority value first)
+while budget, seats and KV blocks last. When the pool runs dry the newest running request is
+preempted: its blocks are freed and it is recomputed later (the prefix cache usually gives most
+of them back).
+
+Seats: never more than ``max_num_seqs`` sequences run. A leader of n > 1 sequences claims
+seats for the siblings it forks once its prompt is computed, capped at ``max_num_seqs`` so it
+can always start once the batch drains; siblings that find no seat at fork time queue right
+behind it and recompute their prompt (usually from the prefix cache) when a seat frees.
 """
 
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass, field
 
 from pagedllm.config import EngineConfig
@@ -65,6 +72,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        by_priority = config.scheduling_policy == "priority"
+        self._key = operator.attrgetter("sort_key" if by_priority else "arrival_key")
 
     # ---- admission and removal -------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -80,7 +89,16 @@ class Scheduler:
                 "tokens; lower max_tokens or give the KV cache more memory."
             )
         self.requests[req.request_id] = req
-        bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+        self._enqueue(self.waiting, req)
+
+    def _enqueue(self, queue: list[Request], req: Request) -> None:
+        bisect.insort(queue, req, key=self._key)
+
+    def _seats(self, req: Request) -> int:
+        """Seats ``req`` claims: itself plus the siblings it has yet to fork (so they can share
+        its prompt blocks), at most all of them, so that any group can start on an empty batch.
+        """
+        return min(1 + len(req.pending_forks), self.max_num_seqs)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         """Finish (e.g. abort) requests wherever they are; their blocks return to the pool."""
@@ -150,14 +168,12 @@ class Scheduler:
             req.num_pending += 1
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        # Sequences running now, plus the n > 1 siblings their leaders will fork.
-        num_seqs_running = sum(1 + len(r.pending_forks) for r in self.running)
+        seats = sum(self._seats(r) for r in self.running)  # <= max_num_seqs at all times
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if req.num_pending:  # preempted with a token in flight: admit once it has landed
                 break
-            num_seqs = 1 + len(req.pending_forks)
-            if num_seqs_running and num_seqs_running + num_seqs > self.max_num_seqs:
+            if seats + self._seats(req) > self.max_num_seqs:
                 break
             cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.block_size
@@ -175,8 +191,8 @@ class Scheduler:
                 self.kv.prefix_queries += req.num_prompt_tokens
                 self.kv.prefix_hits += num_cached
             req.status = RequestStatus.RUNNING
-            num_seqs_running += num_seqs
-            bisect.insort(self.running, req, key=lambda r: r.sort_key)
+            seats += self._seats(req)
+            self._enqueue(self.running, req)
             self._add(out, req, num_new)
             budget -= num_new
 
@@ -186,7 +202,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+        self._enqueue(self.waiting, req)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, fork n > 1 siblings, finish requests.
@@ -204,21 +220,37 @@ class Scheduler:
             if not sched.samples:
                 continue
             req.num_pending -= 1
-            for child in req.pending_forks:
-                child.num_cached_tokens = req.num_cached_tokens
-                self.requests[child.request_id] = child
-                if running:
-                    self.kv.fork(req, child, sched.end)
-                    child.status = RequestStatus.RUNNING
-                    bisect.insort(self.running, child, key=lambda r: r.sort_key)
-                else:  # the parent was preempted meanwhile: the child starts from scratch
-                    bisect.insort(self.waiting, child, key=lambda r: r.sort_key)
+            for child in self._fork(req, sched.end):
                 self._append(child, sampled[child.request_id])
                 changed.append(child)
-            req.pending_forks = []
             self._append(req, sampled[req.request_id])
             changed.append(req)
         return changed
+
+    def _fork(self, req: Request, num_computed: int) -> list[Request]:
+        """Start the n > 1 siblings of ``req``, whose first tokens were just sampled.
+
+        Siblings that find a seat (the leader's claim guarantees it ``_seats(req) - 1``) share
+        the leader's computed prompt blocks. The others, and all of them if the leader was
+        preempted meanwhile, wait and start from scratch: the prefix cache usually gives the
+        prompt back.
+        """
+        if not req.pending_forks:
+            return []
+        children, req.pending_forks = req.pending_forks, []
+        free = 0
+        if req.status == RequestStatus.RUNNING:
+            free = self.max_num_seqs - 1 - sum(self._seats(r) for r in self.running if r is not req)
+        for j, child in enumerate(children):
+            child.num_cached_tokens = req.num_cached_tokens
+            self.requests[child.request_id] = child
+            if j < free:
+                self.kv.fork(req, child, num_computed)
+                child.status = RequestStatus.RUNNING
+                self._enqueue(self.running, child)
+            else:
+                self._enqueue(self.waiting, child)
+        return children
 
     def _append(self, req: Request, token: int) -> None:
         req.append_output_token(token)

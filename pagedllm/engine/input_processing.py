@@ -36,4 +36,22 @@ def validate_request(config: EngineConfig, prompt_ids: list[int], params: Sampli
         if k is not None and k > vocab:
             raise ValueError(f"{name}={k} exceeds the vocabulary size ({vocab}).")
     room = max_len - len(prompt_ids)
+    if params.min_tokens > room:
+        raise ValueError(
+            f"min_tokens={params.min_tokens} cannot be reached: the prompt has "
+            f"{len(prompt_ids)} tokens and max_model_len is {max_len}."
+        )
     return room if params.max_tokens is None else min(params.max_tokens, room)
+
+
+def validate_priority(config: EngineConfig, priority: int) -> None:
+    """Raise ValueError for a nonzero priority unless priority scheduling is on.
+
+    Under ``fcfs`` the scheduler ignores priorities, so accepting one would silently promise an
+    ordering the engine does not give.
+    """
+    if priority != 0 and config.scheduling_policy != "priority":
+        raise ValueError(
+            f"Got priority {priority} but priority scheduling is not enabled "
+            "(--scheduling-policy priority)."
+        )

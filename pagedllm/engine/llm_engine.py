@@ -16,7 +16,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
-from pagedllm.engine.input_processing import tokenize_prompt, validate_request
+from pagedllm.engine.input_processing import tokenize_prompt, validate_priority, validate_request
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
@@ -68,6 +68,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else self.new_request_id()
         if request_id in self._groups:
             raise ValueError(f"Request id {request_id!r} is already in use.")
+        validate_priority(self.config, priority)
         params = copy.copy(params) if params is not None else self.default_sampling_params()
         params.update_from_generation_config(self.generation_defaults.eos_token_ids)
         prompt_ids = self.tokenize(prompt)

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from pagedllm.config import DEMO_MODEL_DIR
+from pagedllm.config import DEMO_MODEL_DIR, SCHEDULING_POLICIES
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=list(SCHEDULING_POLICIES),
+        help="fcfs: arrival order (requests with a priority are rejected); "
+        "priority: lower priority value first, then arrival",
+    )
     p.add_argument("--num-gpu-blocks-override", dest="num_gpu_blocks", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -42,6 +49,7 @@ def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        scheduling_policy=args.scheduling_policy,
         num_gpu_blocks=args.num_gpu_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,

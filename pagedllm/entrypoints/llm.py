@@ -9,6 +9,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.input_processing import validate_priority
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.tokenizer import apply_chat_template
 from pagedllm.outputs import RequestOutput
@@ -45,7 +46,8 @@ class LLM:
         """Generate completions for all prompts; outputs come back in input order.
 
         ``prompts``: a string, a list of token ids, ``{"prompt": ...}`` /
-        ``{"prompt_token_ids": ...}``, or a list of those.
+        ``{"prompt_token_ids": ...}``, or a list of those. ``priority``: one per prompt (lower
+        runs first); nonzero values need ``scheduling_policy="priority"``.
         """
         items = _as_prompt_list(prompts)
         if sampling_params is None:
@@ -59,8 +61,11 @@ class LLM:
                     f"Got {len(params_list)} SamplingParams for {len(items)} prompts; pass one, "
                     "or one per prompt."
                 )
-        if priority is not None and len(priority) != len(items):
-            raise ValueError(f"Got {len(priority)} priorities for {len(items)} prompts.")
+        if priority is not None:
+            if len(priority) != len(items):
+                raise ValueError(f"Got {len(priority)} priorities for {len(items)} prompts.")
+            for p in priority:  # before anything is queued (add_request checks it too)
+                validate_priority(self.llm_engine.config, p)
         return self._run(items, params_list, use_tqdm, priority)
 
     def chat(

@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class SimConfig:
     max_num_seqs: int
     prefix_caching: bool
     num_blocks: int
+    policy: str = "priority"  # scheduling_policy; the workloads draw priorities 0..2
 
 
 def effective_max_tokens(g: GroupSpec, max_model_len: int) -> int:
@@ -135,6 +137,7 @@ def sim_config(draw: st.DrawFn, chunked: bool | None = None) -> SimConfig:
         max_num_seqs=draw(st.integers(1, 6)),
         prefix_caching=draw(st.booleans()),
         num_blocks=0,  # set once the groups are known
+        policy=draw(st.sampled_from(["fcfs", "priority"])),
     )
 
 
@@ -261,6 +264,14 @@ def check_step(
         assert not set(ids) & was_waiting
 
 
+def check_seats(sched: Scheduler) -> None:
+    """Never more than ``max_num_seqs`` running sequences, whatever n, forks or preemption;
+    the seats leaders claim for their unforked siblings (capped) fit as well."""
+    cap = sched.max_num_seqs
+    assert len(sched.running) <= cap, f"{len(sched.running)} running, max_num_seqs={cap}"
+    assert sum(min(1 + len(r.pending_forks), cap) for r in sched.running) <= cap
+
+
 # ---- the simulation ------------------------------------------------------------------------
 
 
@@ -288,6 +299,7 @@ def simulate(cfg: SimConfig, groups: list[GroupSpec]) -> SimResult:
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_chunked_prefill=cfg.chunked,
         enable_prefix_caching=cfg.prefix_caching,
+        scheduling_policy=cfg.policy,
     )
     sched = Scheduler(config, cfg.num_blocks)
     specs = {g.gid: g for g in groups}
@@ -314,6 +326,7 @@ def simulate(cfg: SimConfig, groups: list[GroupSpec]) -> SimResult:
         check_state(sched)
         was_waiting = {r.request_id for r in sched.waiting}
         out = sched.schedule()
+        check_seats(sched)
         if sched.has_unfinished_requests():
             assert out.scheduled, "no progress with requests pending (deadlock)"
         check_step(sched, out, was_waiting, cfg.chunked)
@@ -326,11 +339,8 @@ def simulate(cfg: SimConfig, groups: list[GroupSpec]) -> SimResult:
         changed = sched.update_from_output(out, sampled)
         assert {c.request_id for c in changed} == set(sampled)
         max_running = max(max_running, len(sched.running))
-        # max_num_seqs caps running sequences, counting the siblings their leaders will fork;
-        # a lone group with n > max_num_seqs is still admitted (when nothing else runs).
-        seq_cap = max(cfg.max_num_seqs, max(g.n for g in groups))
-        assert len(out.scheduled) <= seq_cap
-        assert sum(1 + len(r.pending_forks) for r in sched.running) <= seq_cap
+        assert len(out.scheduled) <= cfg.max_num_seqs
+        check_seats(sched)  # forks too: siblings without a seat wait
         check_state(sched)
         step += 1
         assert step < bound, f"no completion after {step} steps (livelock?)"
@@ -388,8 +398,8 @@ def test_random_workloads_keep_invariants_and_finish(
     event(f"forked: {any(g.n > 1 for g in groups)}")
     statuses = {s.status for seqs in res.seqs.values() for s in seqs}
     event(f"stopped: {RequestStatus.FINISHED_STOPPED in statuses}")
-    if all(g.n <= cfg.max_num_seqs for g in groups):
-        assert res.max_running <= cfg.max_num_seqs
+    event(f"n > max_num_seqs: {any(g.n > cfg.max_num_seqs for g in groups)}")
+    assert res.max_running <= cfg.max_num_seqs
 
 
 @settings(max_examples=60, deadline=None)
@@ -563,12 +573,15 @@ def test_forks_of_running_leaders_respect_max_num_seqs() -> None:
     )
 
 
-def test_preempted_fork_does_not_inflate_prefix_cache_stats() -> None:
-    cfg = SimConfig(1, 4, False, 4, 1, True, 4)
+@pytest.mark.parametrize("max_num_seqs", [1, 2])
+def test_preempted_fork_does_not_inflate_prefix_cache_stats(max_num_seqs: int) -> None:
+    """A sibling restarted from scratch (preempted with 2 seats; with 1 seat it has none at
+    fork time and queues) keeps its leader's cached-token count."""
+    cfg = SimConfig(1, 4, False, 4, max_num_seqs, True, 4)
     groups = [GroupSpec("g", [0], 3, 2, 0, 0, None, [None, None])]
     res = simulate(cfg, groups)
     check_final(res, cfg, groups)
-    assert res.sched.num_preemptions > 0
+    assert (res.sched.num_preemptions > 0) == (max_num_seqs == 2)
     kv = res.sched.kv
     for seq in res.seqs["g"]:
         assert seq.num_cached_tokens <= seq.num_prompt_tokens, (
@@ -600,3 +613,169 @@ def test_no_chunked_prefill_never_splits_a_forked_prefill() -> None:
     check_final(res, cfg, groups)
     split = [c for c in chunks if c[1] != c[2]]
     assert not split, f"(seq, scheduled, remaining) split chunks: {split}"
+
+
+# ---- seats: n > max_num_seqs, fork queueing, scheduling policy ---------------------------
+
+
+def drive(
+    sched: Scheduler,
+    lag: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    max_steps: int = 2000,
+) -> dict[str, tuple[int, int]]:
+    """Run ``sched`` to completion, fabricating token 1 for every sampled sequence; with
+    ``lag`` each step is scheduled before the previous one's tokens are applied (async
+    scheduling). ``on_step(step)`` runs before each schedule (arrivals). Checks the seat
+    invariants after every schedule and update. Returns when each sequence was first scheduled:
+    (step, position in that step; admissions come after the running requests, in order).
+    """
+    inflight: tuple[SchedulerOutput, dict[str, int]] | None = None
+    first: dict[str, tuple[int, int]] = {}
+    for step in range(max_steps):
+        if on_step is not None:
+            on_step(step)
+        if not sched.has_unfinished_requests() and inflight is None:
+            return first
+        out = sched.schedule()
+        check_seats(sched)
+        for i, s in enumerate(out.scheduled):
+            first.setdefault(s.request.request_id, (step, i))
+        # The device samples for the leader and its unforked siblings (as the runner does).
+        sampled = {
+            seq.request_id: 1
+            for s in out.scheduled
+            if s.samples
+            for seq in (s.request, *s.request.pending_forks)
+        }
+        if inflight is not None:
+            sched.update_from_output(*inflight)
+            check_seats(sched)
+            inflight = None
+        elif sched.has_unfinished_requests():
+            assert out.scheduled, "no progress with requests pending (deadlock)"
+        if lag:
+            inflight = (out, sampled) if out.scheduled else None
+        else:
+            sched.update_from_output(out, sampled)
+            check_seats(sched)
+    raise AssertionError(f"no completion after {max_steps} steps")
+
+
+def seats_sched(max_num_seqs: int, num_blocks: int = 64, **kw: object) -> Scheduler:
+    config = make_config(
+        block_size=4, max_model_len=32, max_num_seqs=max_num_seqs, max_num_batched_tokens=64, **kw
+    )
+    return Scheduler(config, num_blocks)
+
+
+def test_siblings_beyond_the_free_seats_wait_in_the_queue() -> None:
+    """n=8 with max_num_seqs=2: the leader claims 2 seats, forks one sibling into the batch
+    and queues the other six; all eight finish, never more than two at once."""
+    sched = seats_sched(max_num_seqs=2)
+    seqs = build_group(GroupSpec("a", [0, 1, 2, 0, 1], 5, 8, 0, 0, None, [None] * 8), 32)
+    sched.add_request(seqs[0])
+    out = sched.schedule()
+    assert [(s.request, s.samples) for s in out.scheduled] == [(seqs[0], True)]
+    sched.update_from_output(out, {s.request_id: 1 for s in seqs})
+    assert sched.running == seqs[:2]
+    assert sched.waiting == seqs[2:]
+    for child in seqs[2:]:  # starts from scratch later, its first token already sampled
+        assert child.status == RequestStatus.WAITING and child.num_computed_tokens == 0
+        assert child.output_token_ids == [1] and sched.kv.block_ids(child.request_id) == []
+    assert sched.kv.block_ids(seqs[1].request_id)[:1] == sched.kv.block_ids("a")[:1]  # shared
+    drive(sched)
+    for seq in seqs:
+        assert seq.status == RequestStatus.FINISHED_LENGTH and seq.output_token_ids == [1] * 5
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
+
+
+@pytest.mark.parametrize("lag", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 3])
+def test_big_n_does_not_starve_or_deadlock_others(max_num_seqs: int, lag: bool) -> None:
+    """An n=8 group between a running request and a later one: everything finishes, and a
+    higher-priority request arriving while siblings queue takes the next free seat."""
+    sched = seats_sched(max_num_seqs, scheduling_policy="priority")
+    ahead = build_group(GroupSpec("ahead", [2, 2, 1], 9, 1, 1, 0, None, [None]), 32)
+    big = build_group(GroupSpec("big", [0, 1, 2, 0, 1], 4, 8, 1, 0, None, [None] * 8), 32)
+    after = build_group(GroupSpec("after", [1, 0], 3, 1, 1, 0, None, [None]), 32)
+    urgent = build_group(GroupSpec("urgent", [1, 1], 3, 1, 0, 0, None, [None]), 32)
+    for g in (ahead, big, after):
+        sched.add_request(g[0])
+    queued: list[Request] = []
+
+    def arrive(step: int) -> None:
+        if not queued and any(s in sched.waiting for s in big[1:]):
+            queued.extend(s for s in big[1:] if s in sched.waiting)
+            sched.add_request(urgent[0])
+
+    first = drive(sched, lag=lag, on_step=arrive)
+    for seq in ahead + big + after + urgent:
+        assert seq.status == RequestStatus.FINISHED_LENGTH, seq.request_id
+        assert len(seq.output_token_ids) == seq.max_tokens
+    assert queued, "no sibling ever waited for a seat"
+    assert all(first["urgent"] < first[s.request_id] for s in queued)
+    assert first["after"] > max(first[s.request_id] for s in big)  # arrival order otherwise
+
+
+@pytest.mark.parametrize("lag", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 3])
+def test_big_n_under_preemption_pressure(
+    max_num_seqs: int, prefix_caching: bool, chunked: bool, lag: bool
+) -> None:
+    """Groups of n=4..8 on a pool that fits one sequence: preemption, queued forks and
+    re-admissions interleave; seats and completion hold."""
+    max_model_len = 24
+    config = make_config(
+        block_size=2,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=32 if chunked else max_model_len,
+        enable_chunked_prefill=chunked,
+        enable_prefix_caching=prefix_caching,
+    )
+    specs = [
+        GroupSpec(f"g{k}", [(k + i) % 3 for i in range(3 + k)], 10 + k, 4 + 2 * k, 0, 0, None, [])
+        for k in range(3)
+    ]
+    sched = Scheduler(config, num_blocks=cdiv(max_model_len, 2))
+    groups = [build_group(g, max_model_len) for g in specs]
+    for g in groups:
+        sched.add_request(g[0])
+    drive(sched, lag=lag)
+    assert sched.num_preemptions > 0 or max_num_seqs == 1
+    for g, spec in zip(groups, specs, strict=True):
+        for seq in g:
+            assert seq.status == RequestStatus.FINISHED_LENGTH
+            assert len(seq.output_token_ids) == effective_max_tokens(spec, max_model_len)
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
+
+
+@settings(max_examples=60, deadline=None)
+@given(wl=workload(max_n=8))
+def test_random_workloads_with_large_n_respect_max_num_seqs(
+    wl: tuple[SimConfig, list[GroupSpec]],
+) -> None:
+    cfg, groups = wl
+    res = simulate(cfg, groups)  # checks seats after every schedule and update
+    check_final(res, cfg, groups)
+    assert res.max_running <= cfg.max_num_seqs
+
+
+@pytest.mark.parametrize(
+    "policy,want", [("fcfs", ["p2", "p0", "p1"]), ("priority", ["p0", "p1", "p2"])]
+)
+def test_scheduling_policy_orders_admission(policy: str, want: list[str]) -> None:
+    """fcfs: arrival order whatever the priority; priority: lower value first, then arrival."""
+    sched = seats_sched(max_num_seqs=1, scheduling_policy=policy)
+    for arrival, prio in enumerate([2, 0, 1]):
+        spec = GroupSpec(f"p{prio}", [0, 1], 2, 1, prio, arrival, None, [None])
+        sched.add_request(build_group(spec, 32)[0])
+    admitted: list[str] = []
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        admitted += [s.request.request_id for s in out.scheduled if s.start == 0]
+        sched.update_from_output(out, {s.request.request_id: 1 for s in out.scheduled})
+    assert admitted == want

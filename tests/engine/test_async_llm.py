@@ -1,21 +1,38 @@
-"""AsyncLLM: the engine in its own process behind an asyncio client (CPU, tiny model)."""
+"""AsyncLLM: the engine in its own process behind an asyncio client (CPU, tiny model).
+
+Besides generation: the engine survives SIGTERM and is stopped by ``shutdown()``, deaths are
+told apart from shutdowns, a stopped engine shows as unresponsive (and, with a stall timeout,
+is killed), idle engines send heartbeats, requests time out, and no forged frame is unpickled.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import pickle
 import signal
 import sys
+import tempfile
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+import zmq
 
 from pagedllm import LLM, EngineConfig, RequestOutputKind, SamplingParams
-from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
-from pagedllm.engine.messages import AbortRequests
+from pagedllm.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineUnresponsiveError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from pagedllm.engine.messages import AbortRequests, Heartbeat, encode
 from pagedllm.outputs import RequestOutput
 from tests.fixtures.tiny_models import random_prompts
 
@@ -42,7 +59,7 @@ async def orphan_parent(llama_dir: Path) -> AsyncIterator[asyncio.subprocess.Pro
         from pagedllm import EngineConfig
         from pagedllm.engine.async_llm import AsyncLLM
         llm = AsyncLLM.from_config(EngineConfig(model={str(llama_dir)!r}, **{ENGINE_KW!r}))
-        print(llm._handle.proc.pid, flush=True)
+        print(llm._handle.proc.pid, llm._handle.output_addr, flush=True)
         time.sleep(120)
         """
     )
@@ -59,10 +76,10 @@ async def orphan_parent(llama_dir: Path) -> AsyncIterator[asyncio.subprocess.Pro
 async def engines(
     config: EngineConfig, orphan_parent: asyncio.subprocess.Process
 ) -> AsyncIterator[list[AsyncLLM]]:
-    """Four engines, started in parallel (start-up is mostly imports): one shared by most
-    tests, one to kill, one to shut down, one to crash."""
+    """Five engines, started in parallel (start-up is mostly imports): one shared by most
+    tests, one to kill, one to shut down, one to crash, one to stop (SIGSTOP) and then stall."""
     started = await asyncio.gather(
-        *(asyncio.to_thread(AsyncLLM.from_config, config) for _ in range(4))
+        *(asyncio.to_thread(AsyncLLM.from_config, config) for _ in range(5))
     )
     yield list(started)
     for engine in started:
@@ -87,6 +104,16 @@ async def wait_idle(llm: AsyncLLM, timeout: float = 5.0) -> dict[str, float]:
             return stats
         assert asyncio.get_running_loop().time() < deadline, stats
         await asyncio.sleep(0.02)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> float:
+    """Seconds until ``predicate()`` holds (fail after ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while not predicate():
+        assert loop.time() - t0 < timeout, "timed out"
+        await asyncio.sleep(0.02)
+    return loop.time() - t0
 
 
 async def test_matches_sync_llm(llm: AsyncLLM, llama_dir: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -210,8 +237,25 @@ async def test_queue_full(llm: AsyncLLM) -> None:
     assert await collect(llm.generate([5], SamplingParams(max_tokens=2), "not-full"))
 
 
+async def test_queue_limit_after_rejection(llm: AsyncLLM) -> None:
+    """A request the engine rejects while idle leaves no step behind; the idle engine's next
+    heartbeat carries the stats that show it was seen, so it does not count as waiting."""
+    await wait_idle(llm)
+    llm.max_waiting_requests = 1
+    try:
+        never_fits = SamplingParams(temperature=0.0, max_tokens=None)
+        with pytest.raises(ValueError, match="KV"):
+            await collect(llm.generate([5, 6], never_fits, "rejected"))
+        await _until(lambda: llm._num_waiting() == 0, 2)
+        assert await collect(llm.generate([5], SamplingParams(max_tokens=2), "after-rejected"))
+    finally:
+        llm.max_waiting_requests = None
+
+
 async def test_engine_killed(engines: list[AsyncLLM]) -> None:
     engine = engines[1]
+    deaths: list[str] = []
+    engine.on_engine_death = deaths.append
     try:
         await engine.check_health()
         gens = [engine.generate([5, 6, i], LONG, f"kill-{i}") for i in range(10, 13)]
@@ -224,7 +268,8 @@ async def test_engine_killed(engines: list[AsyncLLM]) -> None:
             with pytest.raises(EngineDeadError):
                 await asyncio.wait_for(collect(g), 3)
         assert loop.time() - t0 < 2.0
-        assert not engine.is_running
+        assert not engine.is_running and engine.died_unexpectedly
+        assert len(deaths) == 1 and "exit code -9" in deaths[0]
         with pytest.raises(EngineDeadError):
             await engine.check_health()
         with pytest.raises(EngineDeadError):
@@ -233,20 +278,32 @@ async def test_engine_killed(engines: list[AsyncLLM]) -> None:
         engine.shutdown()
         engine.shutdown()
     assert not engine._handle.proc.is_alive()
+    assert engine.died_unexpectedly and len(deaths) == 1  # the later shutdown changes neither
 
 
 async def test_clean_shutdown(engines: list[AsyncLLM]) -> None:
+    """SIGTERM to the engine (systemd's KillMode=control-group signals the whole group) is
+    ignored: its requests finish and it exits when shut down, with code 0."""
     engine = engines[2]
-    outs = await collect(engine.generate("hello", SamplingParams(max_tokens=3), "x"))
-    assert outs[-1].finished
-    proc, tmpdir = engine._handle.proc, engine._handle.tmpdir
+    deaths: list[str] = []
+    engine.on_engine_death = deaths.append
+    proc = engine._handle.proc
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    gen = engine.generate("hello", params, "x")
+    await gen.__anext__()
+    os.kill(proc.pid, signal.SIGTERM)
+    outs = await asyncio.wait_for(collect(gen), 10)
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 100
+    await asyncio.sleep(0.2)
+    await engine.check_health()
+    assert engine.is_running and not engine.died_unexpectedly
     gen = engine.generate([5, 6], LONG, "in-flight")
     await gen.__anext__()
     engine.shutdown()
     engine.shutdown()
     assert not proc.is_alive() and proc.exitcode == 0
-    assert not os.path.exists(tmpdir)
-    assert not engine.is_running
+    assert engine._handle.tmpdir is None and engine._handle.input_addr.startswith("ipc://@")
+    assert not engine.is_running and not engine.died_unexpectedly and not deaths
     with pytest.raises(EngineDeadError):
         await collect(gen)
     with pytest.raises(EngineDeadError):
@@ -260,7 +317,7 @@ async def test_engine_loop_error_is_fatal(engines: list[AsyncLLM]) -> None:
     engine._handle.send(AbortRequests(None))  # type: ignore[arg-type]  # the engine loop raises
     with pytest.raises(EngineDeadError, match="TypeError"):
         await asyncio.wait_for(collect(gen), 5)
-    assert not engine.is_running
+    assert not engine.is_running and engine.died_unexpectedly
     engine._handle.proc.join(5)
     assert engine._handle.proc.exitcode == 1
 
@@ -277,7 +334,8 @@ async def test_engine_exits_with_its_parent(
     engines: list[AsyncLLM], orphan_parent: asyncio.subprocess.Process
 ) -> None:
     assert orphan_parent.stdout is not None
-    engine_pid = int(await asyncio.wait_for(orphan_parent.stdout.readline(), 60))
+    line = (await asyncio.wait_for(orphan_parent.stdout.readline(), 60)).decode().split()
+    engine_pid, output_addr = int(line[0]), line[1]
     assert not _process_gone(engine_pid)
     orphan_parent.kill()
     await orphan_parent.wait()
@@ -285,3 +343,164 @@ async def test_engine_exits_with_its_parent(
     while not _process_gone(engine_pid):
         assert asyncio.get_running_loop().time() < deadline, "the engine outlived its parent"
         await asyncio.sleep(0.05)
+    # Nothing is left behind: the sockets were abstract (no files), and are gone now.
+    base = output_addr.removeprefix("ipc://").removesuffix("-output")
+    assert base.startswith(f"@pagedllm-{orphan_parent.pid}-"), output_addr
+    assert not list(Path(tempfile.gettempdir()).glob(f"pagedllm-{orphan_parent.pid}-*"))
+    assert base not in Path("/proc/net/unix").read_text()
+
+
+async def test_heartbeats_while_idle(llm: AsyncLLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    await wait_idle(llm)
+    await llm.start_monitoring()
+    received: list[Any] = []
+    dispatch = llm._dispatch
+    monkeypatch.setattr(llm, "_dispatch", lambda msg: (received.append(msg), dispatch(msg)))
+    first = llm.last_contact
+    await asyncio.sleep(1.3)
+    assert len(received) >= 2 and all(isinstance(m, Heartbeat) for m in received), received
+    assert all(m.stats is None for m in received)  # the stats did not change
+    assert llm.last_contact > first + 0.4
+    assert llm.seconds_since_contact() < 0.8 and not llm.is_wedged(1.0)
+    await llm.check_health()
+
+
+async def test_request_timeout(llm: AsyncLLM) -> None:
+    before = await wait_idle(llm)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(RequestTimeoutError, match="0.3 s"):
+        await collect(llm.generate([5, 6, 10], LONG, "too-slow", request_timeout_s=0.3))
+    assert 0.3 <= loop.time() - t0 < 1.0
+    after = await wait_idle(llm)  # it was aborted in the engine: its KV blocks are free
+    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 1
+    assert after["num_unfinished_requests"] == 0
+    # A slow consumer's time counts too (the outputs it has not read are waiting for it).
+    gen = llm.generate([5, 6, 11], LONG, "slow-reader", request_timeout_s=0.3)
+    await gen.__anext__()
+    await asyncio.sleep(0.35)
+    with pytest.raises(RequestTimeoutError):
+        await gen.__anext__()
+    after = await wait_idle(llm)
+    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 2
+    # Within its timeout a request is unaffected; the timeout must be positive.
+    quick = await collect(
+        llm.generate([5], SamplingParams(max_tokens=3), "quick", request_timeout_s=5)
+    )
+    assert quick[-1].finished
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        await collect(llm.generate([5], SamplingParams(max_tokens=3), "zero", request_timeout_s=0))
+
+
+class _Evil:
+    """Unpickling this creates ``path``: proof that a frame was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.path), "w")
+
+
+@contextlib.contextmanager
+def _pusher(addr: str) -> Iterator[zmq.Socket]:
+    """Another local process's view: a PUSH socket connected to one of the engine's sockets."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(addr)
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+async def test_forged_frames_are_not_unpickled(llm: AsyncLLM, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    forged = [pickle.dumps(_Evil(marker)), encode(_Evil(marker), b"wrong key" * 4)]
+    key = llm._handle.key
+    # To the engine: the forged frames, then a signed abort (frames of one pipe arrive in order,
+    # so once the abort has taken effect the forged ones were read).
+    gen = llm.generate([5, 6, 12], LONG, "forged")
+    await gen.__anext__()
+    with _pusher(llm._handle.input_addr) as sock:
+        for frame in [*forged, encode(AbortRequests(["forged"]), key)]:
+            sock.send(frame)
+        outs = await asyncio.wait_for(collect(gen), 5)
+    assert outs[-1].outputs[0].finish_reason == "abort"
+    # To the API process: the same, then a signed heartbeat with a probe stat.
+    stats = await wait_idle(llm)
+    with _pusher(llm._handle.output_addr) as sock:
+        for frame in [*forged, encode(Heartbeat({**stats, "probe": 1.0}), key)]:
+            sock.send(frame)
+        deadline = asyncio.get_running_loop().time() + 5
+        while "probe" not in await llm.get_stats():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        sock.send(encode(Heartbeat(stats), key))  # put the real stats back
+    assert not marker.exists()
+    assert llm._handle._out.num_rejected >= 2
+    await llm.check_health()
+    assert (await collect(llm.generate([5], SamplingParams(max_tokens=2), "after-forged")))[-1]
+
+
+def _resume(proc: BaseProcess) -> None:
+    """SIGCONT, so that no stopped process outlives a test."""
+    with contextlib.suppress(ProcessLookupError):
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGCONT)
+
+
+async def test_stopped_engine(engines: list[AsyncLLM]) -> None:
+    """SIGSTOP: unresponsive after health_timeout_s, busy or idle (no heartbeats either), and
+    healthy again after SIGCONT (without a stall timeout nothing is declared dead)."""
+    engine = engines[4]
+    engine.health_timeout_s = 0.8
+    proc = engine._handle.proc
+    await engine.check_health()
+    gen = engine.generate([5, 6, 13], LONG, "paused")
+    await gen.__anext__()
+    for busy in (True, False):
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            waited = await _until(lambda: engine.is_wedged(0.8), 3)
+            assert waited > 0.3
+            with pytest.raises(EngineUnresponsiveError, match="health_timeout_s=0.8"):
+                await engine.check_health()
+            assert engine.is_running and not engine.died_unexpectedly
+        finally:
+            _resume(proc)
+        if busy:  # it carries on where it stopped
+            outs = await asyncio.wait_for(collect(gen), 10)
+            assert len(outs[-1].outputs[0].token_ids) == 600
+        await _until(lambda: not engine.is_wedged(0.8), 2)
+        await engine.check_health()
+    assert (await collect(engine.generate([5], SamplingParams(max_tokens=2), "resumed")))[-1]
+
+
+async def test_stalled_engine_is_killed(engines: list[AsyncLLM]) -> None:
+    """With engine_stall_timeout_s, a silent engine is killed and in-flight requests fail."""
+    engine = engines[4]
+    deaths: list[str] = []
+    engine.on_engine_death = deaths.append
+    engine.engine_stall_timeout_s = 0.6
+    proc = engine._handle.proc
+    gen = engine.generate([5, 6, 14], LONG, "stalled")
+    await gen.__anext__()
+    loop = asyncio.get_running_loop()
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = loop.time()
+        with pytest.raises(EngineDeadError, match="No response from the engine process"):
+            await asyncio.wait_for(collect(gen), 5)
+        assert 0.4 < loop.time() - t0 < 2.0
+        proc.join(2)
+        assert proc.exitcode == -signal.SIGKILL
+        assert engine.died_unexpectedly and not engine.is_running
+        assert len(deaths) == 1 and "engine_stall_timeout_s=0.6" in deaths[0]
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+    finally:
+        _resume(proc)
+        engine.shutdown()
+    assert engine.died_unexpectedly and len(deaths) == 1

@@ -43,6 +43,8 @@ def test_engine_config_errors(llama_dir, tmp_path) -> None:  # type: ignore[no-u
         EngineConfig(model=str(llama_dir), dtype="int3")
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         EngineConfig(model=str(llama_dir), gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority; got"):
+        EngineConfig(model=str(llama_dir), scheduling_policy="lifo")
 
 
 def test_unsupported_architecture_names_supported_list(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -80,6 +82,9 @@ def test_prompt_too_long_and_nothing_half_scheduled(llama_dir) -> None:  # type:
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
     with pytest.raises(ValueError, match="vocab size"):
         llm.generate({"prompt_token_ids": [10**6]}, use_tqdm=False)
+    _assert_idle(llm)
+    with pytest.raises(ValueError, match="min_tokens=70 cannot be reached"):
+        llm.generate(good, SamplingParams(min_tokens=70, max_tokens=None), use_tqdm=False)
     _assert_idle(llm)
     # The engine still serves everyone else afterwards.
     out = llm.generate(good, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)

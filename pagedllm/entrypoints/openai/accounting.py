@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,8 @@ class RequestTracker:
         self.queue_time: float | None = None
         self.finish_reasons: dict[int, str] = {}
         self.done = False
+        # Called once with the completion-token count when the request ends (rate limits).
+        self.on_finish: Callable[[int], None] | None = None
 
     def on_output(self, prompt_index: int, out: RequestOutput, choice_base: int) -> None:
         now = time.monotonic()
@@ -109,6 +112,8 @@ class RequestTracker:
         if self.done:
             return
         self.done = True
+        if self.on_finish is not None:
+            self.on_finish(output_tokens)
         now = time.monotonic()
         ttft = self.engine_ttft
         if self.first_token is not None and (self.streamed or ttft is None):

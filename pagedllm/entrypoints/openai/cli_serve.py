@@ -2,14 +2,18 @@
 
 Flags are spelled like vLLM's. On SIGTERM / SIGINT uvicorn stops accepting connections,
 lets in-flight requests finish for up to ``--drain-timeout`` seconds, then the app's lifespan
-shuts the engine down and the process exits 0.
+shuts the engine down. The engine process ignores SIGTERM (systemd's default
+``KillMode=control-group`` signals the whole group), so a group SIGTERM drains too.
+
+The exit status is 0 after a clean shutdown and 1 whenever the engine died before shutdown was
+asked for (even if a SIGTERM came later). With ``--exit-on-engine-death`` (vLLM's behaviour) the
+server stops at once when the engine dies, instead of answering 503 until it is restarted.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 
 from pagedllm.config import DEMO_MODEL_DIR
 from pagedllm.entrypoints.cli import add_engine_args, engine_kwargs
+from pagedllm.entrypoints.openai.auth import add_auth_args
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +55,6 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         default=None,
         help="model name(s) clients may use (default: MODEL as given)",
     )
-    g.add_argument(
-        "--api-key",
-        default=os.environ.get("PAGEDLLM_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $PAGEDLLM_API_KEY)",
-    )
     g.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024)
     g.add_argument(
         "--drain-timeout",
@@ -70,6 +70,18 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--max-n", type=int, default=128, help="largest n a request may ask for")
     g.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=1024,
+        help="largest number of sequences (prompts x n) one request may start",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="end a request that runs longer than this many seconds with a 504 (default: none)",
+    )
+    g.add_argument(
         "--queue-timeout",
         type=float,
         default=None,
@@ -79,6 +91,62 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "--chat-template", default=None, help="Jinja chat template (file path or inline text)"
     )
     g.add_argument("--disable-log-requests", action="store_true")
+    g.add_argument(
+        "--tokenizer-pool-size",
+        type=int,
+        default=4,
+        help="threads that template and tokenize requests off the event loop",
+    )
+    g.add_argument(
+        "--engine-health-timeout",
+        type=float,
+        default=10.0,
+        help="/health answers 503 when the engine has sent nothing for this many seconds",
+    )
+    g.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=None,
+        help="kill the engine (and fail its requests) when it sends nothing for this many "
+        "seconds (default: never; /health reports a stall after --engine-health-timeout)",
+    )
+    g.add_argument(
+        "--exit-on-engine-death",
+        action="store_true",
+        help="stop the server (exit 1) as soon as the engine process dies",
+    )
+    add_auth_args(g)
+    c = p.add_argument_group("connections")
+    c.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="close idle keep-alive connections after this many seconds",
+    )
+    c.add_argument(
+        "--header-read-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection whose request line and headers take longer than this",
+    )
+    c.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=60.0,
+        help="answer 408 when a request body takes longer than this to arrive",
+    )
+    c.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="answer 503 beyond this many open connections / in-flight requests (uvicorn)",
+    )
+    c.add_argument(
+        "--h11-max-incomplete-event-size",
+        type=int,
+        default=64 * 1024,
+        help="largest request line + headers, in bytes",
+    )
     g.add_argument("--uvicorn-log-level", default="info", choices=_LOG_LEVELS)
     p.set_defaults(func=serve)
     return p
@@ -89,6 +157,20 @@ def _check(args: argparse.Namespace) -> None:
         (args.max_request_body_bytes >= 1, "--max-request-body-bytes must be >= 1"),
         (args.drain_timeout >= 0, "--drain-timeout must be >= 0"),
         (args.max_n >= 1, "--max-n must be >= 1"),
+        (args.max_seqs_per_request >= 1, "--max-seqs-per-request must be >= 1"),
+        (args.request_timeout is None or args.request_timeout > 0,
+         "--request-timeout must be > 0"),
+        (args.tokenizer_pool_size >= 1, "--tokenizer-pool-size must be >= 1"),
+        (args.engine_health_timeout > 0, "--engine-health-timeout must be > 0"),
+        (args.engine_stall_timeout is None or args.engine_stall_timeout > 0,
+         "--engine-stall-timeout must be > 0"),
+        (args.timeout_keep_alive > 0, "--timeout-keep-alive must be > 0"),
+        (args.header_read_timeout > 0, "--header-read-timeout must be > 0"),
+        (args.body_read_timeout > 0, "--body-read-timeout must be > 0"),
+        (args.limit_concurrency is None or args.limit_concurrency >= 1,
+         "--limit-concurrency must be >= 1"),
+        (args.h11_max_incomplete_event_size >= 1024,
+         "--h11-max-incomplete-event-size must be >= 1024"),
         (args.max_waiting_requests is None or args.max_waiting_requests >= 0,
          "--max-waiting-requests must be >= 0"),
         (args.queue_timeout is None or args.queue_timeout > 0, "--queue-timeout must be > 0"),
@@ -106,44 +188,48 @@ def _load_chat_template(value: str | None) -> str | None:
     return path.read_text() if path.is_file() else value
 
 
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def serve(args: argparse.Namespace) -> int:
-    """Load the engine, then run uvicorn until SIGTERM / SIGINT."""
+    """Load the engine, then run uvicorn until SIGTERM / SIGINT (see the module doc)."""
     import uvicorn
 
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.entrypoints.openai.api_server import build_app
+    from pagedllm.entrypoints.openai.auth import build_auth, build_rate_limiter
+    from pagedllm.entrypoints.openai.http_protocol import protocol_with_header_timeout
 
     _check(args)
+    build_auth(args)  # flag errors before the model loads
+    build_rate_limiter(args)
     model = args.model or args.model_flag
     args.model = model
     if not args.served_model_name and model is None:
         args.served_model_name = [DEMO_MODEL_NAME]
     args.chat_template = _load_chat_template(args.chat_template)
-    req_log = logging.getLogger("pagedllm.requests")
-    if not req_log.handlers:  # one bare JSON line per finished request
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        req_log.addHandler(handler)
-        req_log.propagate = False
-    req_log.setLevel(logging.INFO)
-    logging.getLogger("pagedllm.entrypoints.openai").setLevel(logging.INFO)
+    _setup_logging()
 
     kwargs = engine_kwargs(args, model)
     kwargs.setdefault("tokenizer", args.tokenizer)
     kwargs.setdefault("enforce_eager", args.enforce_eager)
     config = EngineConfig(**kwargs)
-    # Uvicorn re-raises the signal it drained on after shutting down; exit 0 then.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        engine = AsyncLLM.from_config(config, max_waiting_requests=args.max_waiting_requests)
+        engine = AsyncLLM.from_config(
+            config,
+            max_waiting_requests=args.max_waiting_requests,
+            health_timeout_s=args.engine_health_timeout,
+            engine_stall_timeout_s=args.engine_stall_timeout,
+        )
     except RuntimeError as e:  # the engine process failed to start (logged above)
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+    def exit_status() -> int:
+        return 1 if engine.died_unexpectedly else 0
+
+    def on_signal_reraised(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(exit_status())  # uvicorn re-raises the signal it drained on
+
+    signal.signal(signal.SIGTERM, on_signal_reraised)
     try:
         app = build_app(engine, args)
         uv_config = uvicorn.Config(
@@ -152,12 +238,35 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             log_level=args.uvicorn_log_level,
             timeout_graceful_shutdown=args.drain_timeout,
+            timeout_keep_alive=args.timeout_keep_alive,
+            limit_concurrency=args.limit_concurrency,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            http=protocol_with_header_timeout(args.header_read_timeout),
             lifespan="on",
         )
-        uvicorn.Server(uv_config).run()
+        server = uvicorn.Server(uv_config)
+        if args.exit_on_engine_death:
+
+            def stop(reason: str) -> None:
+                logger.error("The engine died (%s); stopping the server.", reason)
+                server.should_exit = True
+
+            engine.on_engine_death = stop
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained on
         pass
     finally:
         if engine.is_running:
             engine.shutdown()
-    return 0
+    return exit_status()
+
+
+def _setup_logging() -> None:
+    req_log = logging.getLogger("pagedllm.requests")
+    if not req_log.handlers:  # one bare JSON line per finished request
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        req_log.addHandler(handler)
+        req_log.propagate = False
+    req_log.setLevel(logging.INFO)
+    logging.getLogger("pagedllm.entrypoints.openai").setLevel(logging.INFO)

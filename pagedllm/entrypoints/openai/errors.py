@@ -22,9 +22,11 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout",
 }
 
 
@@ -39,6 +41,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -46,6 +49,7 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status_code, "server_error")
         self.param = param
         self.code = code
+        self.headers = headers  # sent with the response (Retry-After, WWW-Authenticate, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +62,8 @@ class APIError(Exception):
         }
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.to_dict(), status_code=self.status_code, headers=headers)
+        merged = {**(self.headers or {}), **(headers or {})}
+        return JSONResponse(self.to_dict(), status_code=self.status_code, headers=merged or None)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -1,9 +1,16 @@
 """Pydantic models of the OpenAI API requests and responses the server speaks.
 
-Requests ignore unknown fields (``extra="ignore"``) so newer OpenAI clients keep working;
-wrong types and out-of-range values fail validation and become 400 errors. Besides OpenAI's
-own fields, the vLLM extensions users rely on are accepted (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ...).
+Types are strict, as OpenAI's API is: ``"max_tokens": "8"``, ``"echo": 0`` or
+``"logprobs": "yes"`` are 400s, not silently coerced. Out-of-range values fail validation and
+become 400 errors too. Besides OpenAI's own fields, the vLLM extensions users rely on are
+accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, ...).
+
+A field we do not implement is never silently ignored: ``reject_unsupported`` answers 400
+naming it (``logit_bias``, ``response_format``, ``tools``, ``guided_json``, ...), unless it is
+listed in ``HARMLESS_FIELDS`` (bookkeeping fields that cannot change the output) or carries
+its "off" value (``null``, ``tools: []``, ``tool_choice: "none"``,
+``response_format: {"type": "text"}``, ``logit_bias: {}``).
 """
 
 from __future__ import annotations
@@ -13,13 +20,51 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pagedllm.entrypoints.openai.errors import bad_request
+
 _SEED_MAX = 2**63 - 1 - 1024  # seed + choice index must still fit torch's int64 seed
+
+# Request fields accepted and ignored: they cannot change what is generated.
+HARMLESS_FIELDS = frozenset(
+    {"store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+     "safety_identifier"}
+)  # fmt: skip
+# Message fields clients send back from earlier responses; the chat template never reads them.
+HARMLESS_MESSAGE_FIELDS = frozenset({"refusal", "annotations", "reasoning_content", "reasoning"})
+# Fields that are unsupported unless they carry their "off" value.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tool_choice": ("none",),
+}
 
 
 class OpenAIModel(BaseModel):
-    """Base of every request model: unknown fields are dropped, not rejected."""
+    """Base of every request model: strict types; unknown fields are kept in ``model_extra``
+    so that ``reject_unsupported`` can name them."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def _is_off(name: str, value: Any) -> bool:
+    if value is None or (isinstance(value, (list, dict, str)) and not value):
+        return True
+    return value in _OFF_VALUES.get(name, ())
+
+
+def reject_unsupported(
+    req: OpenAIModel, where: str = "", harmless: frozenset[str] = HARMLESS_FIELDS
+) -> None:
+    """400 naming the first field of ``req`` that we do not implement (see the module doc)."""
+    for name, value in (req.model_extra or {}).items():
+        if name in harmless or _is_off(name, value):
+            continue
+        param = f"{where}{name}"
+        raise bad_request(
+            f"Unsupported field {param!r}: this server does not implement it, and ignoring it "
+            "would change what you asked for. Remove it from the request.",
+            param,
+            "unsupported_field",
+        )
 
 
 # ---- requests ----------------------------------------------------------------------------
@@ -54,6 +99,12 @@ class SamplingFields(OpenAIModel):
     priority: int = 0
     user: str | None = None
 
+    def reject_unsupported(self) -> None:
+        """400 naming the first unsupported field of the request."""
+        reject_unsupported(self)
+        if self.stream_options is not None:
+            reject_unsupported(self.stream_options, "stream_options.")
+
 
 class TextContentPart(OpenAIModel):
     type: str
@@ -70,6 +121,12 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+
+    def reject_unsupported(self) -> None:
+        super().reject_unsupported()
+        for i, m in enumerate(self.messages):
+            reject_unsupported(m, f"messages[{i}].", HARMLESS_MESSAGE_FIELDS)
+
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
@@ -240,3 +297,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

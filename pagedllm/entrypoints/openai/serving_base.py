@@ -2,6 +2,11 @@
 generations (several prompts merged into one stream, unfinished ones aborted however the
 stream ends), client-disconnect races, the queue timeout, engine-error mapping, and answering
 with one JSON body or an SSE stream.
+
+Templating and tokenization never run on the event loop: ``off_loop`` hands them to a small
+thread pool (``--tokenizer-pool-size``), so one 10 MB prompt cannot stall ``/health`` and every
+running stream. Text that cannot fit in ``max_model_len`` tokens even at the longest vocabulary
+entry per token is refused before it is tokenized at all.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from pagedllm.engine.async_llm import EngineDeadError, QueueFullError
+from pagedllm.engine.async_llm import EngineDeadError, QueueFullError, RequestTimeoutError
+from pagedllm.engine.input_processing import validate_priority
 from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker, TokenCount
+from pagedllm.entrypoints.openai.auth import RateLimiter
 from pagedllm.entrypoints.openai.errors import APIError, bad_request, engine_dead, queue_full
 from pagedllm.entrypoints.openai.logprobs import TokenBytes
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
@@ -48,9 +56,20 @@ class ServerState:
     served_model_names: list[str]
     metrics: ServerMetrics
     max_n: int = 128
+    max_seqs_per_request: int = 1024
     queue_timeout: float | None = None
+    request_timeout: float | None = None
     chat_template: str | None = None
     log_requests: bool = True
+    rate_limiter: RateLimiter | None = None
+    tokenizer_pool_size: int = 4
+    pool: ThreadPoolExecutor = field(init=False)
+    max_chars_per_token: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(self.tokenizer_pool_size, "pagedllm-tokenize")
+        vocab = self.engine.tokenizer.get_vocab()
+        self.max_chars_per_token = max((len(t) for t in vocab), default=1) or 1
 
     @property
     def max_model_len(self) -> int:
@@ -58,9 +77,43 @@ class ServerState:
         assert value is not None
         return value
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """More characters than this can never fit in ``max_model_len`` tokens."""
+        return self.max_model_len * self.max_chars_per_token
+
+    def check_text_fits(self, num_chars: int, param: str) -> None:
+        """400 in microseconds for text too long to fit, before anything tokenizes it."""
+        if num_chars > self.max_prompt_chars:
+            raise bad_request(
+                f"The {param} has {num_chars} characters; it cannot fit in this model's maximum "
+                f"context length of {self.max_model_len} tokens (at most "
+                f"{self.max_chars_per_token} characters per token).",
+                param,
+                "context_length_exceeded",
+            )
+
+
+def check_unicode(text: str, param: str) -> None:
+    """400 for text that is not valid Unicode (a lone UTF-16 surrogate such as ``\\ud800``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            f"The {param} is not valid Unicode: {e.reason} at character {e.start} "
+            f"({text[e.start]!r}).",
+            param,
+        ) from None
+
 
 class ClientDisconnected(Exception):
     """The HTTP client went away before the answer was complete."""
+
+
+def rate_subject(raw: Request) -> str | None:
+    """Whose rate limits ``raw`` counts against (set by the gate middleware; None when no
+    limits are configured)."""
+    return getattr(raw.state, "rate_subject", None)
 
 
 def random_id(prefix: str) -> str:
@@ -98,6 +151,8 @@ def map_engine_error(exc: BaseException) -> APIError | None:
         return exc
     if isinstance(exc, QueueFullError):
         return queue_full()
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, EngineDeadError):
         return engine_dead()
     if isinstance(exc, ValueError):
@@ -135,9 +190,19 @@ class OpenAIServing:
             code="model_not_found",
         )
 
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (templating, tokenization) in the tokenizer thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.state.pool, fn, *args)
+
     def check_common(self, req: SamplingFields) -> None:
+        """Request-level checks shared by chat and completions (before any tokenization)."""
+        req.reject_unsupported()
         if req.n > self.state.max_n:
             raise bad_request(f"n must be at most {self.state.max_n}, got {req.n}.", "n")
+        try:
+            validate_priority(self.engine.config, req.priority)
+        except ValueError as e:
+            raise bad_request(str(e), "priority") from None
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed.", "stop")
@@ -146,6 +211,7 @@ class OpenAIServing:
                 raise bad_request(
                     f"Stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters long.", "stop"
                 )
+            check_unicode(s, "stop")
         ids = req.stop_token_ids or []
         vocab = self.engine.config.model_config.vocab_size
         if len(ids) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < vocab for t in ids):
@@ -197,11 +263,36 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(str(e).removeprefix("Invalid SamplingParams: ")) from e
 
+    def check_fan_out(self, num_prompts: int, n: int) -> None:
+        """400 when one request would start more sequences than ``--max-seqs-per-request``."""
+        limit = self.state.max_seqs_per_request
+        if num_prompts * n > limit:
+            raise bad_request(
+                f"This request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x "
+                f"n={n}); at most {limit} are allowed per request (--max-seqs-per-request).",
+                "n" if num_prompts == 1 else "prompt",
+            )
+
+    def track_usage(self, tracker: RequestTracker, subject: str | None, prompt_tokens: int) -> None:
+        """Charge the request's tokens to its subject's rate limit when it ends."""
+        limiter = self.state.rate_limiter
+        if limiter is not None and subject is not None:
+            tracker.on_finish = lambda output_tokens: limiter.charge(
+                subject, prompt_tokens + output_tokens
+            )
+
     def check_prompt(
         self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None, param: str
     ) -> None:
         """400 unless the prompt fits and ``prompt + max_tokens <= max_model_len``."""
         limit = self.state.max_model_len
+        if params.min_tokens and len(prompt_ids) + params.min_tokens > limit:
+            raise bad_request(
+                f"min_tokens={params.min_tokens} cannot be reached: the {param} has "
+                f"{len(prompt_ids)} tokens and this model's maximum context length is {limit}.",
+                param="min_tokens",
+                code="context_length_exceeded",
+            )
         if max_tokens is not None and len(prompt_ids) + max_tokens > limit:
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -230,9 +321,13 @@ class OpenAIServing:
         queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]]
         queue = asyncio.Queue()
 
+        timeout = self.state.request_timeout
+
         async def pump(i: int) -> None:
             try:
-                gen = self.engine.generate(prompts[i], params, ids[i], priority=priority)
+                gen = self.engine.generate(
+                    prompts[i], params, ids[i], priority=priority, request_timeout_s=timeout
+                )
                 async for out in gen:
                     await queue.put((i, out, None))
                 await queue.put((i, None, None))
@@ -243,7 +338,7 @@ class OpenAIServing:
         try:
             if len(prompts) == 1:
                 async for out in self.engine.generate(
-                    prompts[0], params, ids[0], priority=priority
+                    prompts[0], params, ids[0], priority=priority, request_timeout_s=timeout
                 ):
                     if out.finished:
                         finished.add(0)

@@ -35,11 +35,24 @@ from pagedllm.entrypoints.openai.serving_base import (
     MAX_LOGPROBS,
     OpenAIServing,
     StreamOptionsMixin,
+    check_unicode,
     random_id,
+    rate_subject,
 )
 from pagedllm.outputs import RequestOutput
 
 _TEXT_PART_TYPES = ("text", "input_text")
+
+
+def content_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in ``messages`` (the template only adds to them)."""
+    total = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content is not None:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -59,6 +72,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = "\n".join(texts)
         else:
             content = m.content or ""
+        check_unicode(content, "messages")
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
         d["content"] = content
         if m.name is not None:
@@ -84,9 +98,17 @@ class ChatServing(OpenAIServing):
         except Exception as e:  # jinja errors, raise_exception() in templates, no template
             raise bad_request(f"Cannot apply the chat template: {e}", "messages") from e
 
+    async def render_checked(
+        self, messages: list[ChatMessage], add_generation_prompt: bool
+    ) -> list[int]:
+        """``render`` in the tokenizer pool, after the instant too-long check."""
+        self.state.check_text_fits(content_chars(messages), "messages")
+        return await self.off_loop(self.render, messages, add_generation_prompt)
+
     async def create(self, req: ChatCompletionRequest, raw: Request, http_id: str) -> Response:
         model = self.model_name(req.model)
         self.check_common(req)
+        self.check_fan_out(1, req.n)
         if req.top_logprobs is not None:
             if req.top_logprobs > MAX_LOGPROBS:
                 raise bad_request(f"top_logprobs must be at most {MAX_LOGPROBS}.", "top_logprobs")
@@ -95,7 +117,7 @@ class ChatServing(OpenAIServing):
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise bad_request("max_tokens must be at least 1.", "max_tokens")
-        prompt_ids = self.render(req.messages, req.add_generation_prompt)
+        prompt_ids = await self.render_checked(req.messages, req.add_generation_prompt)
         params = self.sampling_params(
             req,
             max_tokens=max_tokens,
@@ -106,6 +128,7 @@ class ChatServing(OpenAIServing):
         self.check_prompt(prompt_ids, params, max_tokens, "messages")
         ctx = _ChatCtx(self, req, model, len(prompt_ids))
         ctx.tracker = self.tracker("chat.completions", ctx.id, http_id, req.stream)
+        self.track_usage(ctx.tracker, rate_subject(raw), len(prompt_ids))
         stream = self.merged_generate([prompt_ids], params, ctx.id, req.priority)
         return await self.respond(
             raw, ctx.tracker, stream, req.n, ctx.chunks if req.stream else None, ctx.final

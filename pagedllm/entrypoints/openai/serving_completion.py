@@ -36,7 +36,9 @@ from pagedllm.entrypoints.openai.serving_base import (
     MAX_PROMPTS,
     OpenAIServing,
     StreamOptionsMixin,
+    check_unicode,
     random_id,
+    rate_subject,
 )
 from pagedllm.outputs import Logprob, RequestOutput
 
@@ -46,7 +48,10 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class CompletionServing(OpenAIServing):
     """Handles ``/v1/completions``."""
 
-    def _prompts(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+    def _prompts(
+        self, prompt: str | list[int] | list[str] | list[list[int]]
+    ) -> list[str | list[int]]:
+        """The request's prompts, each a string or token ids; too-long text is a 400 here."""
         raw: list[str | list[int]]
         if isinstance(prompt, str):
             raw = [prompt]
@@ -58,9 +63,20 @@ class CompletionServing(OpenAIServing):
             raise bad_request("prompt must not be empty.", "prompt")
         if len(raw) > MAX_PROMPTS:
             raise bad_request(f"At most {MAX_PROMPTS} prompts per request.", "prompt")
+        for p in raw:
+            if isinstance(p, str):
+                self.state.check_text_fits(len(p), "prompt")
+        return raw
+
+    def _tokenize(self, raw: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of every prompt (runs in the tokenizer pool)."""
         out: list[list[int]] = []
         for p in raw:
-            ids = list(self.tokenizer.encode(p)) if isinstance(p, str) else list(p)
+            if isinstance(p, str):
+                check_unicode(p, "prompt")
+                ids = list(self.tokenizer.encode(p))
+            else:
+                ids = list(p)
             if not ids:
                 raise bad_request("A prompt must have at least one token.", "prompt")
             out.append(ids)
@@ -83,7 +99,9 @@ class CompletionServing(OpenAIServing):
             raise bad_request("best_of is not supported (it must be unset or equal n).", "best_of")
         if req.logprobs is not None and req.logprobs > MAX_LOGPROBS:
             raise bad_request(f"logprobs must be at most {MAX_LOGPROBS}.", "logprobs")
-        prompts = self._prompts(req.prompt)
+        raw_prompts = self._prompts(req.prompt)
+        self.check_fan_out(len(raw_prompts), req.n)
+        prompts = await self.off_loop(self._tokenize, raw_prompts)
         max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         echo_lp = req.logprobs if req.echo else None
         params = self.sampling_params(
@@ -97,6 +115,7 @@ class CompletionServing(OpenAIServing):
             self.check_prompt(ids, params, max_tokens, "prompt")
         ctx = _Ctx(self, req, model, prompts, scoring_only=max_tokens == 0)
         ctx.tracker = self.tracker("completions", ctx.id, http_id, req.stream)
+        self.track_usage(ctx.tracker, rate_subject(raw), sum(len(p) for p in prompts))
         stream = self.merged_generate(prompts, params, ctx.id, req.priority)
         return await self.respond(
             raw, ctx.tracker, stream, req.n, ctx.chunks if req.stream else None, ctx.final

@@ -5,7 +5,12 @@
 * ``main``: the tiny llama model behind ``--api-key``, a 1 MB body limit and max_model_len 512;
 * ``drain``: ``--max-num-seqs 1 --max-waiting-requests 1 --queue-timeout 0.5`` for the
   queue-full, queue-timeout and SIGTERM tests;
-* ``doomed``: a server whose engine process the lifecycle tests kill.
+* ``doomed``: a server whose engine process the lifecycle tests kill;
+* ``guarded``: JWT + API keys, rate limits, ``--max-seqs-per-request 8``, short header/body/
+  request timeouts and ``--max-num-seqs 2`` for the hardening tests;
+* ``wedged``: ``--engine-health-timeout 1`` for the SIGSTOP and process-group SIGTERM tests.
+
+Every server runs in its own session (process group), as under systemd.
 
 Each logs to a file (``ServerProc.log_path``) so tests can read the JSON request lines.
 """
@@ -27,6 +32,10 @@ import httpx
 import pytest
 
 API_KEY = "sk-test-key"
+GUARDED_KEYS = ("sk-guarded-1", "sk-guarded-2")
+JWT_SECRET = "test-secret-0123456789-0123456789"
+JWT_AUDIENCE = "pagedllm-tests"
+GUARDED_RPM = 6
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 512
 MAX_BODY_BYTES = 1_000_000
@@ -105,7 +114,9 @@ def launch(
     env.pop("PAGEDLLM_API_KEY", None)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     return ServerProc(name, proc, port, log_path, api_key)
 
 
@@ -139,6 +150,19 @@ def servers(
             "1024",
         ),
         "doomed": launch("doomed", llama_dir, log_dir),
+        "guarded": launch(
+            "guarded",
+            llama_dir,
+            log_dir,
+            *("--api-key", GUARDED_KEYS[0], "--api-key", GUARDED_KEYS[1]),
+            *("--jwt-secret", JWT_SECRET, "--jwt-audience", JWT_AUDIENCE),
+            *("--rate-limit-requests-per-minute", str(GUARDED_RPM)),
+            *("--rate-limit-tokens-per-minute", "100000"),
+            *("--max-seqs-per-request", "8", "--max-num-seqs", "2"),
+            *("--header-read-timeout", "1", "--body-read-timeout", "1"),
+            *("--request-timeout", "1"),
+        ),
+        "wedged": launch("wedged", llama_dir, log_dir, "--engine-health-timeout", "1"),
     }
     try:
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
