@@ -91,6 +91,7 @@ class EngineConfig:
     model: str | None = None
     tokenizer: str | None = None
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # auto = the model's dtype (fp8 is not supported yet)
     device: str = "auto"  # auto | cpu | cuda
     block_size: int = 16
     max_model_len: int | None = None
@@ -198,11 +199,5 @@ class EngineConfig:
             )
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad(f"load_format must be auto, safetensors or dummy; got {self.load_format!r}.")
-
-    @property
-    def kv_bytes_per_block(self) -> int:
-        mc = self.model_config
-        elem = torch.tensor([], dtype=self.torch_dtype).element_size()
-        return (
-            2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
-        )
+        if self.kv_cache_dtype != "auto":
+            raise bad(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; use 'auto'.")

@@ -18,7 +18,7 @@ import torch
 
 import pagedllm.sample.sampler as sampler_mod
 from pagedllm import LLM, SamplingParams
-from pagedllm.layers.linear import Linear
+from pagedllm.worker.linear_tuning import skinny_layers
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
     llm = LLM(args.model, load_format="dummy")
-    linears = [m for m in llm.llm_engine.runner.model.modules() if isinstance(m, Linear)]
+    linears = skinny_layers(llm.llm_engine.runner.model)
     tuned = {id(m): m.skinny_max_rows for m in linears}
     gumbel_ok = sampler_mod._gumbel_ok
     g = torch.Generator().manual_seed(0)

@@ -237,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"Skipping TTFT lengths >= max_model_len ({cfg.max_model_len}).")
     engine_info = report.describe_engine(llm)
     weight_bytes = engine_info["weight_bytes"]
-    kv_per_token = cfg.kv_bytes_per_block / cfg.block_size
+    kv_per_token = llm.llm_engine.runner.kv_spec.bytes_per_token
     runs_per_point = args.num_iters + args.num_iters_warmup
     n_calls = runs_per_point * (2 * len(args.batch_sizes) + len(ttft_lens))
     with tqdm(total=n_calls, disable=args.disable_tqdm, unit="run") as bar:

@@ -227,6 +227,6 @@ def describe_engine(llm: Any) -> dict[str, Any]:
         "enable_prefix_caching": cfg.enable_prefix_caching,
         "enable_chunked_prefill": cfg.enable_chunked_prefill,
         "num_kv_blocks": runner.num_blocks,
-        "kv_cache_gib": round(runner.num_blocks * cfg.kv_bytes_per_block / 2**30, 3),
+        "kv_cache_gib": round(runner.num_blocks * runner.kv_spec.bytes_per_block / 2**30, 3),
         "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
     }

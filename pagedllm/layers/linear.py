@@ -1,46 +1,280 @@
-"""Linear layers: a skinny-batch fast path, and fused weights loaded from HF checkpoint shards."""
+"""Linear layers named and sharded for tensor parallelism, with pluggable weight formats.
+
+Each layer asks the quantization hook (``layers/quantization``) for its method, lets it
+register the weight parameters (dense ``weight`` by default; packed ones for GPTQ and the
+like) and computes ``forward`` through ``quant_method.apply``. The layer keeps only what
+depends on how it is sharded: the bias, and a ``weight_loader`` that every checkpoint-filled
+parameter carries, which cuts this rank's slice (``tp_rank`` / ``tp_size`` from
+``layers/tensor_parallel.py``, 0 / 1 for now) and, for fused layers, places each checkpoint
+part (q/k/v, gate/up) at its rows.
+
+Sharded layouts (rank r of p, with tp_size = p):
+
+* column-parallel: rank r holds output rows ``[r * N/p, (r+1) * N/p)``;
+* merged gate/up: rank r holds ``[gate_r; up_r]`` (each part column-split as above), so the
+  activation's half split stays local;
+* q/k/v: rank r holds ``[q heads of r; k heads of r; v heads of r]`` (KV-head replication for
+  ``num_kv_heads < p`` is not implemented: a clear ``NotImplementedError``);
+* row-parallel: rank r holds input columns ``[r * K/p, (r+1) * K/p)``; partial outputs are
+  summed across ranks (the all-reduce comes with TP) and the bias is added once.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from pagedllm.layers.quantization import QuantizationConfig, get_linear_method
+from pagedllm.layers.tensor_parallel import divide, get_tp_rank, get_tp_size
+from pagedllm.layers.weight_utils import (
+    copy_checked,
+    narrow_shard,
+    param_label,
+    set_weight_attrs,
+)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that sends batches of at most ``skinny_max_rows`` rows (decode steps of
-    a few sequences) to the Triton skinny GEMM. 0 (the default) means never; the runner sets
-    it per layer from a start-up measurement against cuBLAS (``worker/linear_tuning.py``)."""
+class LinearBase(nn.Module):
+    """Common construction: TP coordinates, the quant method, its weights, an optional bias."""
 
-    skinny_max_rows: int = 0
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        params_dtype: torch.dtype | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.prefix = prefix
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.tp_rank = get_tp_rank()
+        self.tp_size = get_tp_size()
+        self.quant_method = get_linear_method(quant_config, self, prefix)
+        self.has_bias = bias
+
+    def _create(self, input_per_partition: int, output_partition_sizes: list[int]) -> None:
+        """Let the method register the weights, then add the (never quantized) bias."""
+        self.quant_method.create_weights(
+            self,
+            input_per_partition,
+            output_partition_sizes,
+            self.input_size,
+            self.output_size,
+            self.params_dtype,
+            weight_loader=self.weight_loader,
+        )
+        bias = None
+        if self.has_bias:
+            size = sum(output_partition_sizes)
+            bias = nn.Parameter(torch.empty(size, dtype=self.params_dtype), requires_grad=False)
+            set_weight_attrs(bias, {"output_dim": 0, "weight_loader": self.weight_loader})
+        self.register_parameter("bias", bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        raise NotImplementedError
+
+    def _label(self, param: nn.Parameter, shard_id: int | str | None = None) -> str:
+        label = param_label(self, param, self.prefix)
+        return label if shard_id is None else f"{label} (shard {shard_id!r})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if 0 < x.shape[0] <= self.skinny_max_rows and x.dim() == 2 and x.stride(1) == 1:
-            from pagedllm.kernels.skinny_gemm import skinny_linear
-
-            return skinny_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
-class MergedLinear(Linear):
-    """One GEMM for several projections that read the same input (q/k/v, gate/up).
+class ReplicatedLinear(LinearBase):
+    """The full weight on every rank (no sharding)."""
 
-    Checkpoints store the parts separately; ``load_shard`` copies part ``shard_id`` into
-    its row range of the fused weight (and bias).
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **kw: Any) -> None:
+        super().__init__(input_size, output_size, bias, **kw)
+        self._create(input_size, [output_size])
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        assert shard_id is None, "a replicated layer has no shards"
+        copy_checked(param.data, loaded, self._label(param))
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks: ``Y_r = X A_r^T`` with ``A_r`` rank r's rows.
+
+    ``gather_output`` (concatenating the ranks' outputs) needs TP communication; it is
+    only accepted with tp_size = 1 for now.
     """
 
-    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes.values()), bias=bias)
-        self.offsets: dict[str, tuple[int, int]] = {}
-        start = 0
-        for name, size in out_sizes.items():
-            self.offsets[name] = (start, size)
-            start += size
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        gather_output: bool = False,
+        output_sizes: list[int] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(input_size, output_size, bias, **kw)
+        self.gather_output = gather_output
+        self.output_sizes = output_sizes or [output_size]
+        self.output_partition_sizes = [
+            divide(s, self.tp_size, f"{self.prefix or 'layer'} output size")
+            for s in self.output_sizes
+        ]
+        self._create(input_size, self.output_partition_sizes)
 
-    def load_shard(self, param_name: str, shard_id: str, loaded: torch.Tensor) -> None:
-        param = self.weight if param_name == "weight" else self.bias
-        assert param is not None, f"{param_name} not present"
-        start, size = self.offsets[shard_id]
-        if loaded.shape[0] != size:
-            raise ValueError(f"shard {shard_id} has {loaded.shape[0]} rows, expected {size}")
-        param.data.narrow(0, start, size).copy_(loaded)
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        dim = getattr(param, "output_dim", None)
+        what = self._label(param)
+        if dim is not None:
+            loaded = narrow_shard(loaded, dim, self.tp_rank, self.tp_size, param, what)
+        copy_checked(param.data, loaded, what)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gather_output and self.tp_size > 1:
+            raise NotImplementedError("gather_output needs tensor-parallel communication")
+        return super().forward(x)
+
+
+class _FusedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one GEMM, filled part by part.
+
+    ``shard_ids`` name the checkpoint parts in output order; ``_shard_rows(shard_id)`` gives
+    a part's (first row, rows) within this rank's fused rows.
+    """
+
+    shard_ids: tuple[int | str, ...] = ()
+
+    def _shard_rows(self, shard_id: int | str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        dim = getattr(param, "output_dim", None)
+        packed = dim is not None and getattr(param, "packed_dim", None) == dim
+        factor = param.packed_factor if packed else 1
+        if shard_id is None and dim is not None:  # a fused checkpoint tensor: split it
+            if loaded.shape[dim] != sum(self.output_sizes) // factor:
+                raise ValueError(
+                    f"{self._label(param)} expects {sum(self.output_sizes) // factor} fused "
+                    f"rows along dim {dim}, the checkpoint tensor has shape {tuple(loaded.shape)}"
+                )
+            start = 0
+            for sid, total in zip(self.shard_ids, self.output_sizes, strict=True):
+                self.weight_loader(param, loaded.narrow(dim, start, total // factor), sid)
+                start += total // factor
+            return
+        what = self._label(param, shard_id)
+        if shard_id is not None and shard_id not in self.shard_ids:
+            raise ValueError(f"{what}: unknown shard id (expected one of {self.shard_ids})")
+        if dim is None:  # not split along outputs (e.g. GPTQ's g_idx): every part is the same
+            copy_checked(param.data, loaded, what)
+            return
+        offset, size = self._shard_rows(shard_id)
+        dst = param.data.narrow(dim, offset // factor, size // factor)
+        loaded = narrow_shard(loaded, dim, self.tp_rank, self.tp_size, dst, what)
+        copy_checked(dst, loaded, what)
+
+
+class MergedColumnParallelLinear(_FusedColumnParallelLinear):
+    """Column-parallel projections fused along outputs, e.g. an MLP's gate and up.
+
+    Shard ids are the part indices: ``gate_up_proj`` loads ``gate_proj`` as 0 and
+    ``up_proj`` as 1.
+    """
+
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, **kw: Any
+    ) -> None:
+        self.shard_ids = tuple(range(len(output_sizes)))
+        super().__init__(input_size, sum(output_sizes), bias, output_sizes=output_sizes, **kw)
+
+    def _shard_rows(self, shard_id: int | str) -> tuple[int, int]:
+        assert isinstance(shard_id, int)
+        return sum(self.output_partition_sizes[:shard_id]), self.output_partition_sizes[shard_id]
+
+
+class QKVParallelLinear(_FusedColumnParallelLinear):
+    """The fused q/k/v projection of an attention block (shard ids ``"q"``, ``"k"``, ``"v"``).
+
+    Query heads are split across ranks; so are KV heads when ``num_kv_heads >= tp_size``.
+    """
+
+    shard_ids = ("q", "k", "v")
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: int | None = None,
+        bias: bool = False,
+        **kw: Any,
+    ) -> None:
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        tp_size = get_tp_size()
+        if total_num_kv_heads < tp_size:
+            # TODO(tp): replicate KV heads (rank r loads kv head r // (tp_size // num_kv_heads)).
+            raise NotImplementedError(
+                f"{total_num_kv_heads} KV heads over tensor-parallel size {tp_size}: KV-head "
+                "replication is not implemented"
+            )
+        self.head_size = head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = divide(total_num_heads, tp_size, "number of attention heads")
+        self.num_kv_heads = divide(total_num_kv_heads, tp_size, "number of KV heads")
+        q, kv = total_num_heads * head_size, total_num_kv_heads * head_size
+        super().__init__(hidden_size, q + 2 * kv, bias, output_sizes=[q, kv, kv], **kw)
+
+    def _shard_rows(self, shard_id: int | str) -> tuple[int, int]:
+        q_rows = self.num_heads * self.head_size
+        kv_rows = self.num_kv_heads * self.head_size
+        starts = {"q": 0, "k": q_rows, "v": q_rows + kv_rows}
+        return starts[shard_id], q_rows if shard_id == "q" else kv_rows
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks: ``Y = sum_r X_r A_r^T`` (+ bias once).
+
+    ``reduce_results`` (the all-reduce of the partial sums) needs TP communication; with
+    tp_size = 1 the partial sum is the result.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        reduce_results: bool = True,
+        **kw: Any,
+    ) -> None:
+        super().__init__(input_size, output_size, bias, **kw)
+        self.reduce_results = reduce_results
+        self.input_size_per_partition = divide(
+            input_size, self.tp_size, f"{self.prefix or 'layer'} input size"
+        )
+        self._create(self.input_size_per_partition, [output_size])
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        dim = getattr(param, "input_dim", None)
+        what = self._label(param)
+        if dim is not None:
+            loaded = narrow_shard(loaded, dim, self.tp_rank, self.tp_size, param, what)
+        copy_checked(param.data, loaded, what)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return self.quant_method.apply(self, x, self.bias)
+        # TODO(tp): bias on rank 0 only, then all-reduce the partial sums.
+        raise NotImplementedError("RowParallelLinear needs an all-reduce for tp_size > 1")

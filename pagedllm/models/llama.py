@@ -1,7 +1,10 @@
 """Llama-family decoder (Llama 2/3, Mistral; Qwen2/Qwen3 reuse it with bias / q-k norm).
 
 Tokens arrive flattened ([T] ids with [T] positions), attention goes through the backend, and
-logits are computed only for the rows the sampler needs.
+logits are computed only for the rows the sampler needs. Projections are the parallel linear
+layers of ``layers/linear.py``: each is built with the checkpoint's quantization config and
+its module name (``prefix``), and loads its own checkpoint tensors; ``packed_modules`` tells
+the loader which checkpoint tensors are parts of a fused layer.
 """
 
 from __future__ import annotations
@@ -13,28 +16,51 @@ from pagedllm.config import ModelConfig
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention.backend import AttentionMetadata
 from pagedllm.layers.attention.layer import Attention
-from pagedllm.layers.linear import Linear, MergedLinear
+from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    """Fused q/k/v projection, attention through the backend (rotary, optional q/k norm),
+    output projection."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        qkv_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            cfg.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, qkv_bias
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            self.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            bias=qkv_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim,
+            cfg.hidden_size,
+            bias=cfg.attention_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = RotaryEmbedding(
             self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
+        # This rank's heads (all of them until tensor parallelism).
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(
@@ -46,11 +72,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """SwiGLU feed-forward: fused gate/up projection, SiLU(gate) * up, down projection."""
+
+    def __init__(
+        self, cfg: ModelConfig, quant_config: QuantizationConfig | None, prefix: str
+    ) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": size, "up": size})
-        self.down_proj = Linear(size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size,
+            [size, size],
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            size, cfg.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,10 +95,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    """Pre-norm attention and MLP blocks; the residual add is fused into the next norm."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        qkv_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(
+            cfg, qkv_bias, qk_norm, quant_config, prefix=f"{prefix}.self_attn"
+        )
+        self.mlp = LlamaMLP(cfg, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -83,11 +131,26 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    """Embedding, decoder layers and final norm: token ids -> last hidden states."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        qkv_bias: bool,
+        qk_norm: bool,
+        quant_config: QuantizationConfig | None,
+        prefix: str = "model",
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            quant_config=quant_config,
+            prefix=f"{prefix}.embed_tokens",
+        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, qkv_bias, qk_norm) for _ in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, qkv_bias, qk_norm, quant_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -103,25 +166,31 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Checkpoint names match Hugging Face's; q/k/v and gate/up load into fused weights."""
+    """Parameter names match Hugging Face's checkpoints except for the fused projections."""
 
     qkv_bias = False
     qk_norm = False
-    packed_modules = {
+    # Checkpoint module -> (fused module, shard id passed to its weight loader).
+    packed_modules: dict[str, tuple[str, int | str]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, self.qkv_bias or cfg.attention_bias, self.qk_norm)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.quant_config = quant_config
+        self.model = LlamaModel(
+            cfg, self.qkv_bias or cfg.attention_bias, self.qk_norm, quant_config
+        )
+        self.lm_head = ParallelLMHead(
+            cfg.vocab_size, cfg.hidden_size, quant_config=quant_config, prefix="lm_head"
+        )
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie_weights(self.model.embed_tokens)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

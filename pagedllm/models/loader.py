@@ -1,4 +1,13 @@
-"""Builds a model from an ``EngineConfig`` and fills its weights (safetensors or dummy)."""
+"""Builds a model from an ``EngineConfig`` and fills its weights (safetensors or dummy).
+
+The loader knows checkpoint *names*, not layouts: it maps each Hugging Face tensor name to a
+model parameter (through the model's ``packed_modules`` for tensors that are parts of a fused
+layer, with the part's shard id) and hands the tensor to that parameter's own
+``weight_loader``, which knows its slice (fused part, tensor-parallel rank, packed
+quantized layout); parameters without one get ``default_weight_loader``. After loading,
+each layer's quantization method may post-process its weights. Tensor parallelism and
+quantized checkpoints plug in through the layers, not here.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +21,8 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedllm.config import EngineConfig
-from pagedllm.layers.linear import MergedLinear
+from pagedllm.layers.quantization import get_quant_config
+from pagedllm.layers.weight_utils import default_weight_loader
 from pagedllm.models.registry import get_model_cls
 
 logger = logging.getLogger(__name__)
@@ -43,66 +53,103 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _packed_target(
+    name: str, packed: dict[str, tuple[str, int | str]]
+) -> tuple[str, int | str | None]:
+    """(model parameter name, shard id or None) for checkpoint tensor ``name``."""
+    module_name, _, param_name = name.rpartition(".")
+    prefix, _, leaf = module_name.rpartition(".")
+    if leaf in packed:
+        fused, shard_id = packed[leaf]
+        return f"{prefix}.{fused}.{param_name}" if prefix else f"{fused}.{param_name}", shard_id
+    return name, None
+
+
+def _sources(param: str, packed: dict[str, tuple[str, int | str]]) -> list[str]:
+    """The checkpoint tensors that fill model parameter ``param`` (its parts if fused)."""
+    module_name, _, param_name = param.rpartition(".")
+    prefix, _, leaf = module_name.rpartition(".")
+    parts = [part for part, (fused, _) in packed.items() if fused == leaf]
+    if not parts:
+        return [param]
+    return [f"{prefix}.{part}.{param_name}" if prefix else f"{part}.{param_name}" for part in parts]
+
+
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into ``model``; fused q/k/v and gate/up load shard by shard."""
+    """Hand every checkpoint tensor to its parameter's ``weight_loader``; check none is missing.
+
+    Skips ``rotary_emb.inv_freq`` buffers and, for tied embeddings, ``lm_head.weight``.
+    """
     params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    packed: dict[str, tuple[str, int | str]] = getattr(model, "packed_modules", {})
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    loaded: set[str] = set()
+    seen: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
-        module_name, _, param_name = name.rpartition(".")
-        prefix, _, leaf = module_name.rpartition(".")
-        if leaf in packed:
-            fused, shard_id = packed[leaf]
-            fused_name = f"{prefix}.{fused}"
-            module = modules.get(fused_name)
-            if not isinstance(module, MergedLinear):
-                raise ValueError(f"Checkpoint tensor {name} has no matching fused layer.")
-            module.load_shard(param_name, shard_id, tensor)
-            loaded.add(f"{fused_name}.{param_name}")
-            continue
-        if name not in params:
-            raise ValueError(f"Checkpoint tensor {name} does not match any model parameter.")
-        param = params[name]
-        if param.shape != tensor.shape:
-            raise ValueError(
-                f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
-            )
-        param.data.copy_(tensor)
-        loaded.add(name)
-    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))
+        target, shard_id = _packed_target(name, packed)
+        if target not in params:
+            via = f" (looked for {target})" if target != name else ""
+            raise ValueError(f"Checkpoint tensor {name} does not match any model parameter{via}.")
+        param = params[target]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            if shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+        except ValueError as e:
+            raise ValueError(f"Checkpoint tensor {name}: {e}.") from e
+        seen.add(name)
+    missing = [
+        src for p in params if p not in seen for src in _sources(p, packed) if src not in seen
+    ]
     if missing:
-        raise ValueError(f"Checkpoint is missing weights: {', '.join(missing[:8])}.")
+        raise ValueError(f"Checkpoint is missing weights: {', '.join(sorted(missing)[:8])}.")
 
 
 def _dummy_init(model: nn.Module, seed: int) -> None:
-    """Random weights of the real shapes, drawn on the model's device (fast for 8B models)."""
+    """Random weights of the real shapes, drawn on the model's device (fast for 8B models).
+
+    Parameter i (in ``named_parameters`` order) draws U(-1e-3, 1e-3) from a generator seeded
+    with ``seed + i``; norm weights are 1; integer parameters (packed quantized tensors) 0.
+    """
     for i, (name, param) in enumerate(model.named_parameters()):
         if "norm" in name:
             param.data.fill_(1.0)
+            continue
+        if not param.is_floating_point():
+            param.data.zero_()
             continue
         gen = torch.Generator(device=param.device).manual_seed(seed + i)
         param.data.uniform_(-1e-3, 1e-3, generator=gen)
 
 
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let each layer's quantization method finish its weights (repack, transpose, ...)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+
+
 def load_model(config: EngineConfig) -> nn.Module:
     """Instantiate the model on the target device and dtype and load its weights."""
     cls = get_model_cls(config.model_config)
+    quant_config = get_quant_config(config)
     assert config.model is not None
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.torch_dtype)
     try:
         with torch.device(config.torch_device):
-            model = cls(config.model_config)
+            model = cls(config.model_config, quant_config=quant_config)
     finally:
         torch.set_default_dtype(default_dtype)
     if config.load_format == "dummy":
         _dummy_init(model, config.seed)
     else:
         load_weights(model, iter_checkpoint(Path(config.model)))
+    process_weights_after_loading(model)
     # Rotary tables stay fp32 whatever the weights' dtype.
     for module in model.modules():
         for bname, buf in module.named_buffers(recurse=False):

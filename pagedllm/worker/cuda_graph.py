@@ -4,6 +4,13 @@ A decode step (every sequence adds one token) has shapes that depend only on the
 so its whole forward pass is captured once per bucket and replayed with the inputs copied into
 static buffers. Padding rows write their K/V into a scratch slot outside the block pool and
 attend over a one-token context, so they never touch real sequences.
+
+Each bucket's attention metadata is built once, at capture, by the backend's
+``build_metadata`` from views of the static buffers (no host lists: ``query_start_loc_cpu`` and
+``seq_lens_cpu`` are empty and ``max_seq_len`` is the model's limit). A replay reuses it as
+captured, so whatever the backend derives there may depend only on the bucket size and those
+buffers' storage, never on their contents; it is kept alive with its graph because the graph
+holds the addresses of any tensors it owns.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class DecodeGraphs:
     def __init__(
         self,
         forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
-        prepare: Callable[[AttentionMetadata], None],
+        build_metadata: Callable[[AttentionMetadata], AttentionMetadata],
         max_batch: int,
         max_blocks_per_seq: int,
         max_seq_len: int,
@@ -39,7 +46,7 @@ class DecodeGraphs:
         device: torch.device,
     ) -> None:
         self.forward = forward
-        self.prepare = prepare
+        self.build_metadata = build_metadata
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.max_seq_len = max_seq_len
@@ -55,10 +62,11 @@ class DecodeGraphs:
         self.block_tables = torch.full(
             (n, max_blocks_per_seq), pad_block, dtype=torch.int32, device=device
         )
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # bucket -> (graph, its output, the metadata it was captured with)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        meta = AttentionMetadata(
+        common = AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs],
             query_start_loc=self.query_start[: bs + 1],
             seq_lens=self.seq_lens[:bs],
@@ -68,9 +76,7 @@ class DecodeGraphs:
             query_start_loc_cpu=[],
             seq_lens_cpu=[],
         )
-        meta.extra["num_seqs"] = bs
-        self.prepare(meta)
-        return meta
+        return self.build_metadata(common)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -85,7 +91,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.forward(*args)
             pool = graph.pool()
-            self.graphs[bs] = (graph, hidden)
+            self.graphs[bs] = (graph, hidden, meta)
         torch.cuda.synchronize()
         logger.info(
             "Captured %d decode CUDA graphs (batch 1..%d) in %.1f s",
@@ -107,7 +113,7 @@ class DecodeGraphs:
         """
         b = input_ids.shape[0]
         bs = next(x for x in self.buckets if x >= b)
-        graph, hidden = self.graphs[bs]
+        graph, hidden, _ = self.graphs[bs]
         self.input_ids[:b].copy_(input_ids.pin_memory(), non_blocking=True)
         if fixups is not None:
             self.input_ids[fixups[0]] = fixups[1]

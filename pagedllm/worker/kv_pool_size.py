@@ -1,4 +1,8 @@
-"""How many KV blocks to allocate: an explicit count, a byte budget, or a profiled GPU share."""
+"""How many KV blocks to allocate: an explicit count, a byte budget, or a profiled GPU share.
+
+Block sizes in bytes come from the ``KVCacheSpec`` (this rank's heads, the KV dtype), the same
+numbers the backend allocates with, so the byte budget and the allocation always agree.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_spec import KVCacheSpec
+from pagedllm.worker.kv_cache_spec import bind_kv_caches, unbind_kv_caches
 
 if TYPE_CHECKING:
     from pagedllm.worker.model_runner import ModelRunner
@@ -17,20 +23,21 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_BYTES = 2 * 2**30
 
 
-def _blocks_for_all_seqs(config: EngineConfig) -> int:
+def _blocks_for_all_seqs(config: EngineConfig, spec: KVCacheSpec) -> int:
     assert config.max_model_len is not None
-    per_seq = -(-config.max_model_len // config.block_size)
+    per_seq = -(-config.max_model_len // spec.block_size)
     return per_seq * config.max_num_seqs
 
 
-def determine_num_blocks(config: EngineConfig, runner: ModelRunner) -> int:
+def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) -> int:
     """Explicit ``num_gpu_blocks`` > ``kv_cache_memory_bytes`` > device-based default.
 
     On CUDA the default is ``gpu_memory_utilization`` of the card minus what the weights and a
     profiled forward pass of ``max_num_batched_tokens`` tokens take. On CPU it is 2 GiB, capped
-    at what ``max_num_seqs`` full-length sequences could ever use.
+    at what ``max_num_seqs`` full-length sequences could ever use. ``runner`` is only used
+    for the CUDA profile (its model, attention layers and backend).
     """
-    per_block = config.kv_bytes_per_block
+    per_block = spec.bytes_per_block
     if config.num_gpu_blocks is not None:
         return config.num_gpu_blocks
     if config.kv_cache_memory_bytes is not None:
@@ -42,11 +49,11 @@ def determine_num_blocks(config: EngineConfig, runner: ModelRunner) -> int:
             )
         return n
     if config.torch_device.type != "cuda":
-        return max(1, min(_CPU_DEFAULT_BYTES // per_block, _blocks_for_all_seqs(config)))
-    return _profile_cuda(config, runner, per_block)
+        return max(1, min(_CPU_DEFAULT_BYTES // per_block, _blocks_for_all_seqs(config, spec)))
+    return _profile_cuda(config, spec, runner)
 
 
-def _profile_cuda(config: EngineConfig, runner: ModelRunner, per_block: int) -> int:
+def _profile_cuda(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) -> int:
     from pagedllm.core.request import Request
     from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
     from pagedllm.sampling_params import SamplingParams
@@ -57,11 +64,10 @@ def _profile_cuda(config: EngineConfig, runner: ModelRunner, per_block: int) -> 
     # A dummy step of max_num_batched_tokens tokens in sequences of at most max_model_len.
     seq_len = min(config.max_num_batched_tokens, config.max_model_len)
     n_seqs = max(1, config.max_num_batched_tokens // seq_len)
-    blocks_per_seq = -(-seq_len // config.block_size)
-    mc = config.model_config
-    shape = (2, blocks_per_seq * n_seqs, config.block_size, mc.num_key_value_heads, mc.head_dim)
-    for layer in runner.attn_layers:
-        layer.kv_cache = torch.zeros(shape, dtype=config.torch_dtype, device=config.torch_device)
+    blocks_per_seq = -(-seq_len // spec.block_size)
+    bind_kv_caches(
+        runner.attn_layers, runner.backend, spec, blocks_per_seq * n_seqs, config.torch_device
+    )
     sched = SchedulerOutput()
     params = SamplingParams(temperature=0.0)
     for i in range(n_seqs):
@@ -70,12 +76,12 @@ def _profile_cuda(config: EngineConfig, runner: ModelRunner, per_block: int) -> 
         sched.scheduled.append(ScheduledRequest(req, seq_len, table))
     runner.execute(sched)
     torch.cuda.synchronize()
-    for layer in runner.attn_layers:
-        layer.kv_cache = torch.empty(0)
+    unbind_kv_caches(runner.attn_layers)
     torch.cuda.empty_cache()
     peak = torch.cuda.max_memory_allocated()
     free, total = torch.cuda.mem_get_info()
     non_torch = total - free - torch.cuda.memory_reserved()
+    per_block = spec.bytes_per_block
     budget = total * config.gpu_memory_utilization - peak - max(non_torch, 0)
     n = int(budget // per_block)
     logger.info(

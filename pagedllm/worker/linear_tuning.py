@@ -1,10 +1,12 @@
 """Start-up measurement: for which row counts does the Triton skinny GEMM beat cuBLAS?
 
-For every distinct (N, K) weight shape of the model's ``Linear`` layers and M in 1, 2, 4, 8,
-16 rows, both are timed from CUDA-graph replays (no launch overhead, as inside the decode
-graphs). Each layer's ``skinny_max_rows`` becomes the largest M up to which the Triton kernel
-was faster at every measured M; the table is logged. Half-precision CUDA models only (fp32
-keeps cuBLAS, whose fp32 GEMMs are exact rather than TF32).
+For every distinct (N, K) weight shape of the model's dense linear layers (the layers and LM
+head whose method is ``UnquantizedLinearMethod``; quantized methods have their own kernels)
+and M in 1, 2, 4, 8, 16 rows, both are timed from CUDA-graph replays (no launch overhead, as
+inside the decode graphs). Each layer's ``skinny_max_rows``, which the method's ``apply``
+reads, becomes the largest M up to which the Triton kernel was faster at every measured M;
+the table is logged. Half-precision CUDA models only (fp32 keeps cuBLAS, whose fp32 GEMMs
+are exact rather than TF32).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from pagedllm.device_utils import cuda_graph_time_us
-from pagedllm.layers.linear import Linear
+from pagedllm.layers.embedding import ParallelLMHead
+from pagedllm.layers.linear import LinearBase
+from pagedllm.layers.quantization import UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +28,21 @@ ROWS = (1, 2, 4, 8, 16)
 MIN_GAIN = 0.97  # Triton must take at most 97% of cuBLAS's time to be chosen
 
 
+def skinny_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose matmul may go to the skinny GEMM (dense linear layers and LM head)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, (LinearBase, ParallelLMHead))
+        and isinstance(m.quant_method, UnquantizedLinearMethod)
+    ]
+
+
 def tune_skinny_linears(model: nn.Module) -> None:
-    """Set ``skinny_max_rows`` on every ``Linear`` of a half-precision CUDA model."""
+    """Set ``skinny_max_rows`` on every dense linear layer of a half-precision CUDA model."""
     from pagedllm.kernels.skinny_gemm import skinny_linear
 
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    layers = skinny_layers(model)
     if not layers or layers[0].weight.device.type != "cuda":
         return
     if layers[0].weight.dtype not in (torch.float16, torch.bfloat16):
@@ -38,7 +52,7 @@ def tune_skinny_linears(model: nn.Module) -> None:
     decided: dict[tuple[int, int, bool], int] = {}
     lines = []
     for layer in layers:
-        w, b = layer.weight, layer.bias
+        w, b = layer.weight, getattr(layer, "bias", None)
         key = (w.shape[0], w.shape[1], b is not None)
         if key not in decided:
             best = 0

@@ -24,6 +24,7 @@ from pagedllm.models.loader import load_model
 from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
 from pagedllm.worker.cuda_graph import DecodeGraphs
+from pagedllm.worker.kv_cache_spec import bind_kv_caches, build_kv_cache_spec
 from pagedllm.worker.kv_pool_size import determine_num_blocks
 from pagedllm.worker.linear_tuning import tune_skinny_linears
 from pagedllm.worker.step_output import (
@@ -42,11 +43,12 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = config.torch_device
-        self.block_size = config.block_size
         self.model = load_model(config)
         mc = config.model_config
         self.vocab_size = mc.vocab_size
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_spec = build_kv_cache_spec(config, self.attn_layers)
+        self.block_size = self.kv_spec.block_size
         first = self.attn_layers[0]
         self.backend = get_backend_cls(config.attention_backend, self.device)(
             first.num_heads, first.num_kv_heads, first.head_dim, first.scale
@@ -59,27 +61,27 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
         if use_fused(next(self.model.parameters())):  # CUDA, fused kernels enabled
             tune_skinny_linears(self.model)
-        self.num_blocks = determine_num_blocks(config, self)
+        self.num_blocks = determine_num_blocks(config, self.kv_spec, self)
         # One extra physical block past the pool: scratch for CUDA-graph padding rows.
-        shape = (2, self.num_blocks + 1, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=config.torch_dtype, device=self.device)
-            for _ in self.attn_layers
-        ]
-        for layer, cache in zip(self.attn_layers, self.kv_caches, strict=True):
-            layer.kv_cache = cache
+        self.kv_caches = bind_kv_caches(
+            self.attn_layers, self.backend, self.kv_spec, self.num_blocks + 1, self.device
+        )
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB)",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self.block_size,
-            self.num_blocks * config.kv_bytes_per_block / 2**20,
+            self.num_blocks * self.kv_spec.bytes_per_block / 2**20,
+            self.kv_spec.dtype,
         )
-        if self.device.type == "cuda" and not config.enforce_eager:
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        if use_graphs and not self.backend.supports_cuda_graphs:
+            logger.info("Attention backend %r runs without CUDA graphs.", self.backend.name)
+        elif use_graphs:
             assert config.max_model_len is not None
             self.graphs = DecodeGraphs(
                 self._forward,
-                self.backend.prepare,
+                self.backend.build_metadata,
                 max_batch=min(config.max_num_seqs, 512),
                 max_blocks_per_seq=-(-config.max_model_len // self.block_size),
                 max_seq_len=config.max_model_len,
@@ -210,7 +212,7 @@ class ModelRunner:
         if self.graphs is not None and decode and num_seqs <= self.graphs.max_batch:
             return self.graphs.run(input_ids, positions, slots, lens, tables, fixups)
         dev = self.device
-        meta = AttentionMetadata(
+        common = AttentionMetadata(
             slot_mapping=h2d(slots, torch.int64, dev),
             query_start_loc=h2d(query_start, torch.int32, dev),
             seq_lens=h2d(lens, torch.int32, dev),
@@ -220,7 +222,7 @@ class ModelRunner:
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
         )
-        self.backend.prepare(meta)
+        meta = self.backend.build_metadata(common)
         ids_dev = h2d(input_ids, torch.int64, dev)
         if fixups is not None:
             ids_dev[fixups[0]] = fixups[1]

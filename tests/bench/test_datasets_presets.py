@@ -25,6 +25,7 @@ from pagedllm.bench.presets import (
     synthetic_tokenizer_dir,
 )
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_spec import KVCacheSpec
 
 SHARED_MODELS = Path(__file__).resolve().parents[3] / "shared" / "bench-models"
 
@@ -115,7 +116,8 @@ def test_preset_configs_validate_as_dummy(name: str) -> None:
         mc = cfg.model_config
         assert (mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim) == _EXPECTED[name][:3]
         assert (mc.hidden_size, mc.vocab_size) == (hidden, vocab)
-        assert cfg.kv_bytes_per_block == 2 * layers * 16 * kv_heads * head_dim * elem
+        spec = KVCacheSpec.from_config(cfg)
+        assert spec.bytes_per_block == 2 * layers * 16 * kv_heads * head_dim * elem
     shared = SHARED_MODELS / name / "config.json"
     if shared.is_file():  # the committed copy keeps the shared bench model's numbers
         ours = json.loads((preset_dir(name) / "config.json").read_text())

@@ -2,7 +2,8 @@
 
 Besides generation: the engine survives SIGTERM and is stopped by ``shutdown()``, deaths are
 told apart from shutdowns, a stopped engine shows as unresponsive (and, with a stall timeout,
-is killed), idle engines send heartbeats, requests time out, and no forged frame is unpickled.
+is killed), idle engines send heartbeats, requests time out, request ids can be reused at once,
+and no forged frame is unpickled.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pagedllm.engine.async_llm import (
     QueueFullError,
     RequestTimeoutError,
 )
-from pagedllm.engine.messages import AbortRequests, Heartbeat, encode
+from pagedllm.engine.framing import encode
+from pagedllm.engine.messages import AbortRequests, Heartbeat
 from pagedllm.outputs import RequestOutput
 from tests.fixtures.tiny_models import random_prompts
 
@@ -188,6 +190,23 @@ async def test_abort_ends_stream(llm: AsyncLLM) -> None:
     await wait_idle(llm)
 
 
+async def test_request_id_reuse(llm: AsyncLLM) -> None:
+    """An id can be reused as soon as its ``generate()`` has ended, before the engine has even
+    seen the old request's abort: the old request's late outputs, its abort, and a late
+    ``abort()`` of the id cannot reach the new request."""
+    short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    for _ in range(3):
+        gen = llm.generate([5, 6, 7], LONG, "reuse")
+        await gen.__anext__()
+        await gen.aclose()  # its abort is on its way
+        await llm.abort("reuse")  # not in flight any more: nothing to do
+        outs = await collect(llm.generate([5, 6, 7], short, "reuse"))
+        final = outs[-1]
+        assert final.request_id == "reuse" and final.outputs[0].finish_reason == "length"
+        assert len(final.outputs[0].token_ids) == 3
+    await wait_idle(llm)
+
+
 async def test_invalid_requests(llm: AsyncLLM, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
     ok = SamplingParams(temperature=0.0, max_tokens=4)
     bad_prompts: list[list[int]] = [[], [len(tiny_tokenizer) + 5], [5] * 1024]
@@ -202,7 +221,7 @@ async def test_invalid_requests(llm: AsyncLLM, tiny_tokenizer) -> None:  # type:
     too_long = SamplingParams(temperature=0.0, max_tokens=None)
     with pytest.raises(ValueError, match="KV"):
         await collect(llm.generate([5, 6], too_long, "never-fits"))
-    # Duplicate ids are refused while the first is in flight; the engine keeps serving.
+    # Ids in flight are refused; the engine keeps serving.
     gen = llm.generate([5, 6, 7], ok, "dup")
     first = await gen.__anext__()
     with pytest.raises(ValueError, match="already in use"):
@@ -354,8 +373,14 @@ async def test_heartbeats_while_idle(llm: AsyncLLM, monkeypatch: pytest.MonkeyPa
     await wait_idle(llm)
     await llm.start_monitoring()
     received: list[Any] = []
-    dispatch = llm._dispatch
-    monkeypatch.setattr(llm, "_dispatch", lambda msg: (received.append(msg), dispatch(msg)))
+    messages = llm._handle.messages
+
+    def recording() -> Iterator[Any]:
+        for msg in messages():
+            received.append(msg)
+            yield msg
+
+    monkeypatch.setattr(llm._handle, "messages", recording)
     first = llm.last_contact
     await asyncio.sleep(1.3)
     assert len(received) >= 2 and all(isinstance(m, Heartbeat) for m in received), received
@@ -423,8 +448,9 @@ async def test_forged_frames_are_not_unpickled(llm: AsyncLLM, tmp_path: Path) ->
     # so once the abort has taken effect the forged ones were read).
     gen = llm.generate([5, 6, 12], LONG, "forged")
     await gen.__anext__()
+    engine_id = llm._streams["forged"].engine_id
     with _pusher(llm._handle.input_addr) as sock:
-        for frame in [*forged, encode(AbortRequests(["forged"]), key)]:
+        for frame in [*forged, encode(AbortRequests([engine_id]), key)]:
             sock.send(frame)
         outs = await asyncio.wait_for(collect(gen), 5)
     assert outs[-1].outputs[0].finish_reason == "abort"

@@ -21,18 +21,10 @@ import zmq
 
 from pagedllm import EngineConfig
 from pagedllm.engine import core_proc
-from pagedllm.engine.core_proc import Channel, EngineCore, EngineProcess, remove_stale_dirs
-from pagedllm.engine.messages import (
-    AbortRequests,
-    AddRequest,
-    BadMessageError,
-    EngineOutputs,
-    Heartbeat,
-    Shutdown,
-    decode,
-    encode,
-    new_key,
-)
+from pagedllm.engine.core_proc import EngineCore
+from pagedllm.engine.engine_process import EngineProcess, remove_stale_dirs
+from pagedllm.engine.framing import BadMessageError, Channel, decode, encode, new_key
+from pagedllm.engine.messages import AbortRequests, AddRequest, EngineOutputs, Heartbeat, Shutdown
 from pagedllm.sampling_params import SamplingParams
 
 

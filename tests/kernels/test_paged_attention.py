@@ -73,11 +73,11 @@ def test_matches_torch_native(case, dtype) -> None:  # type: ignore[no-untyped-d
         q, k, v, kv, meta = _case(q_lens, ctx_lens, hq, hkv, d, bs, dtype, seed)
         scale = d**-0.5
         ref_kv = kv.clone()
-        ref = TorchNativeBackend(hq, hkv, d, scale).forward(q, k, v, ref_kv, meta).float()
+        ref_backend = TorchNativeBackend(hq, hkv, d, scale)
+        ref = ref_backend.forward(q, k, v, ref_kv, ref_backend.build_metadata(meta)).float()
         backend = TritonBackend(hq, hkv, d, scale)
-        backend.prepare(meta)
         out_kv = kv.clone()
-        out = backend.forward(q, k, v, out_kv, meta).float()
+        out = backend.forward(q, k, v, out_kv, backend.build_metadata(meta)).float()
         assert torch.isfinite(out).all()
         assert torch.equal(out_kv, ref_kv)  # the KV write landed in the same slots
         err = (out - ref).norm() / ref.norm()

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from pagedllm.kernels.skinny_gemm import skinny_linear  # noqa: E402
-from pagedllm.layers.linear import Linear, MergedLinear  # noqa: E402
+from pagedllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear  # noqa: E402
 from pagedllm.worker.linear_tuning import tune_skinny_linears  # noqa: E402
 
 
@@ -31,8 +31,11 @@ def test_skinny_linear(dtype, m, n, k, bias) -> None:  # type: ignore[no-untyped
 def test_tuning_sets_dispatch_and_outputs_agree() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        MergedLinear(4096, {"a": 4096, "b": 2048}), Linear(6144, 4096, bias=False)
+        MergedColumnParallelLinear(4096, [4096, 2048]), RowParallelLinear(6144, 4096)
     ).to("cuda", torch.bfloat16)
+    for layer in model:  # the layers allocate with torch.empty: give them nn.Linear's init
+        bound = layer.weight.shape[1] ** -0.5
+        torch.nn.init.uniform_(layer.weight, -bound, bound)
     tune_skinny_linears(model)
     for layer in model:
         assert layer.skinny_max_rows in (0, 1, 2, 4, 8, 16)

@@ -51,7 +51,7 @@ from pagedllm.entrypoints.openai.protocol import (
     VersionResponse,
     reject_unsupported,
 )
-from pagedllm.entrypoints.openai.serving_base import ServerState, check_unicode
+from pagedllm.entrypoints.openai.server_state import ServerState, check_unicode
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 

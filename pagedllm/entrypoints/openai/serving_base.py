@@ -1,12 +1,9 @@
-"""What chat and text completions share: request limits, sampling-parameter building, running
+"""What chat and text completions share: request checks, sampling-parameter building, running
 generations (several prompts merged into one stream, unfinished ones aborted however the
-stream ends), client-disconnect races, the queue timeout, engine-error mapping, and answering
-with one JSON body or an SSE stream.
+stream ends), the queue timeout, and answering with one JSON body or an SSE stream.
 
-Templating and tokenization never run on the event loop: ``off_loop`` hands them to a small
-thread pool (``--tokenizer-pool-size``), so one 10 MB prompt cannot stall ``/health`` and every
-running stream. Text that cannot fit in ``max_model_len`` tokens even at the longest vocabulary
-entry per token is refused before it is tokenized at all.
+Templating and tokenization run in the server's thread pool (``off_loop``), never on the event
+loop; see ``server_state.py``.
 """
 
 from __future__ import annotations
@@ -14,153 +11,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from pagedllm.engine.async_llm import EngineDeadError, QueueFullError, RequestTimeoutError
 from pagedllm.engine.input_processing import validate_priority
 from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker, TokenCount
-from pagedllm.entrypoints.openai.auth import RateLimiter
-from pagedllm.entrypoints.openai.errors import APIError, bad_request, engine_dead, queue_full
+from pagedllm.entrypoints.openai.errors import APIError, bad_request
 from pagedllm.entrypoints.openai.logprobs import TokenBytes
-from pagedllm.entrypoints.openai.metrics import ServerMetrics
 from pagedllm.entrypoints.openai.protocol import SamplingFields
+from pagedllm.entrypoints.openai.server_state import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    ServerState,
+    check_unicode,
+)
+from pagedllm.entrypoints.openai.streaming import (
+    ClientDisconnected,
+    chain,
+    map_engine_error,
+    race_disconnect,
+)
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-
-if TYPE_CHECKING:
-    from pagedllm.engine.async_llm import AsyncLLM
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
-MAX_PROMPTS = 1024
 
-
-@dataclass
-class ServerState:
-    """Everything the serving classes need besides the engine; built once per app."""
-
-    engine: AsyncLLM
-    served_model_names: list[str]
-    metrics: ServerMetrics
-    max_n: int = 128
-    max_seqs_per_request: int = 1024
-    queue_timeout: float | None = None
-    request_timeout: float | None = None
-    chat_template: str | None = None
-    log_requests: bool = True
-    rate_limiter: RateLimiter | None = None
-    tokenizer_pool_size: int = 4
-    pool: ThreadPoolExecutor = field(init=False)
-    max_chars_per_token: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pool = ThreadPoolExecutor(self.tokenizer_pool_size, "pagedllm-tokenize")
-        vocab = self.engine.tokenizer.get_vocab()
-        self.max_chars_per_token = max((len(t) for t in vocab), default=1) or 1
-
-    @property
-    def max_model_len(self) -> int:
-        value = self.engine.config.max_model_len
-        assert value is not None
-        return value
-
-    @property
-    def max_prompt_chars(self) -> int:
-        """More characters than this can never fit in ``max_model_len`` tokens."""
-        return self.max_model_len * self.max_chars_per_token
-
-    def check_text_fits(self, num_chars: int, param: str) -> None:
-        """400 in microseconds for text too long to fit, before anything tokenizes it."""
-        if num_chars > self.max_prompt_chars:
-            raise bad_request(
-                f"The {param} has {num_chars} characters; it cannot fit in this model's maximum "
-                f"context length of {self.max_model_len} tokens (at most "
-                f"{self.max_chars_per_token} characters per token).",
-                param,
-                "context_length_exceeded",
-            )
-
-
-def check_unicode(text: str, param: str) -> None:
-    """400 for text that is not valid Unicode (a lone UTF-16 surrogate such as ``\\ud800``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise bad_request(
-            f"The {param} is not valid Unicode: {e.reason} at character {e.start} "
-            f"({text[e.start]!r}).",
-            param,
-        ) from None
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before the answer was complete."""
-
-
-def rate_subject(raw: Request) -> str | None:
-    """Whose rate limits ``raw`` counts against (set by the gate middleware; None when no
-    limits are configured)."""
-    return getattr(raw.state, "rate_subject", None)
-
-
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` unless the client disconnects first (then cancel it and raise)."""
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise ClientDisconnected()
-    return task.result()
-
-
-def map_engine_error(exc: BaseException) -> APIError | None:
-    """The client-facing error for an exception out of ``AsyncLLM``; None if unexpected."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, QueueFullError):
-        return queue_full()
-    if isinstance(exc, RequestTimeoutError):
-        return APIError(504, str(exc), code="request_timeout")
-    if isinstance(exc, EngineDeadError):
-        return engine_dead()
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc))
-    return None
-
-
-# ---- the shared serving class ----------------------------------------------------------------
 class OpenAIServing:
     """Base of the chat and completion handlers."""
 
@@ -468,41 +350,3 @@ class OpenAIServing:
         finally:
             tracker.finish(status, count.value, error)
         yield "data: [DONE]\n\n"
-
-
-async def chain(
-    first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    yield first
-    async for item in rest:
-        yield item
-
-
-class StreamOptionsMixin:
-    """``stream_options`` handling shared by the chat and completions formatters."""
-
-    req: Any
-    id: str
-    created: int
-    model: str
-
-    def _stream_chunk(self, chunk_cls: Any, choice: Any, usage: Any = None) -> str:
-        """One SSE payload with a single choice; usage only when the client asked for it."""
-        chunk = chunk_cls(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage if self._continuous_usage else None,
-        )
-        return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
-
-    @property
-    def _include_usage(self) -> bool:
-        opts = self.req.stream_options
-        return bool(opts and opts.include_usage)
-
-    @property
-    def _continuous_usage(self) -> bool:
-        opts = self.req.stream_options
-        return bool(opts and opts.include_usage and opts.continuous_usage_stats)

@@ -31,14 +31,14 @@ from pagedllm.entrypoints.openai.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from pagedllm.entrypoints.openai.serving_base import (
+from pagedllm.entrypoints.openai.server_state import (
     MAX_LOGPROBS,
-    OpenAIServing,
-    StreamOptionsMixin,
     check_unicode,
     random_id,
     rate_subject,
 )
+from pagedllm.entrypoints.openai.serving_base import OpenAIServing
+from pagedllm.entrypoints.openai.streaming import StreamOptionsMixin
 from pagedllm.outputs import RequestOutput
 
 _TEXT_PART_TYPES = ("text", "input_text")

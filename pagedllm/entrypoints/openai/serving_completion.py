@@ -31,15 +31,15 @@ from pagedllm.entrypoints.openai.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from pagedllm.entrypoints.openai.serving_base import (
+from pagedllm.entrypoints.openai.server_state import (
     MAX_LOGPROBS,
     MAX_PROMPTS,
-    OpenAIServing,
-    StreamOptionsMixin,
     check_unicode,
     random_id,
     rate_subject,
 )
+from pagedllm.entrypoints.openai.serving_base import OpenAIServing
+from pagedllm.entrypoints.openai.streaming import StreamOptionsMixin
 from pagedllm.outputs import Logprob, RequestOutput
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

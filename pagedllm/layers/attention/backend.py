@@ -1,53 +1,69 @@
-"""The attention-backend interface: per-step metadata, the backend ABC and a name registry.
+"""The attention-backend interface: KV-cache ownership, per-step metadata, and a name registry.
 
 Model code calls ``Attention`` (``layer.py``), which forwards to whichever backend the runner
-chose. A backend turns the scheduler's block tables into its own metadata once per step
-(``build_metadata``) and then, per layer, writes the new keys/values into the paged KV cache
-and attends over each sequence's cached context plus its new tokens (causal).
+chose. The backend is the only code that knows the KV cache's layout: it says what shape the
+per-layer cache tensors have and allocates them (``kv_cache_shape`` / ``allocate_kv_cache``),
+it alone writes new keys/values into them (``write_kv``, or a fused kernel inside
+``forward_qkv``), and it reads them back when attending. Keeping all three in one place is what
+lets a later backend change the layout or the element type (an fp8 cache with scales) without
+touching the models, the layer or the runner.
+
+Per step, ``build_metadata`` turns the runner's shared ``AttentionMetadata`` into the backend's
+own typed subclass; per layer, ``forward_qkv`` goes from the fused qkv projection to the
+attention output.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from pagedllm.layers.attention.metadata import AttentionMetadata
 
-@dataclass
-class AttentionMetadata:
-    """What every backend needs about one step's flattened batch of T new tokens.
+if TYPE_CHECKING:
+    from pagedllm.core.kv_cache_spec import KVCacheSpec
+    from pagedllm.layers.norm import RMSNorm
+    from pagedllm.layers.rotary import RotaryEmbedding
 
-    Sequence i owns query rows ``query_start_loc[i]:query_start_loc[i+1]``; its context
-    (cached tokens plus new ones) is ``seq_lens[i]`` tokens long, stored in the KV cache blocks
-    ``block_tables[i]``. ``slot_mapping[t]`` is where token t's key/value goes
-    (``block_id * block_size + offset``).
-    """
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "available_backends",
+    "get_backend_cls",
+    "kv_torch_dtype",
+    "register_backend",
+]
 
-    slot_mapping: torch.Tensor  # [T] int64
-    query_start_loc: torch.Tensor  # [B + 1] int32
-    seq_lens: torch.Tensor  # [B] int32
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
-    # Backend-specific per-step data, filled once per step by ``AttentionBackend.prepare``.
-    extra: dict[str, Any] = field(default_factory=dict)
+# KV dtype names (``KVCacheSpec.dtype``) the backends can store today.
+_KV_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
+
+def kv_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the KV-cache dtype name ``name``."""
+    if name not in _KV_TORCH_DTYPES:
+        raise ValueError(f"KV cache dtype {name!r} is not supported yet by the attention backends.")
+    return _KV_TORCH_DTYPES[name]
 
 
 class AttentionBackend(ABC):
-    """Paged attention over a KV cache of shape [2, num_blocks, block_size, Hkv, D] per layer."""
+    """Paged attention over per-layer KV caches of shape [2, num_blocks, block_size, Hkv, D].
+
+    Subclasses implement ``build_metadata`` and ``attend``; they may override ``forward_qkv``
+    to fuse the q/k normalisation, rotary and KV write into one kernel, and the layout
+    methods to store the cache differently.
+    """
 
     name: str = ""
-    # True if ``forward`` accepts k = v = None: the caller already wrote them into the cache.
-    accepts_written_kv: bool = False
+    # True if ``attend`` for a decode-only step reads nothing from the host that changes between
+    # steps, so the runner may capture it (with ``build_metadata``'s result) in a CUDA graph.
+    supports_cuda_graphs: bool = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads = num_heads
@@ -55,32 +71,84 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = scale
 
-    def prepare(self, meta: AttentionMetadata) -> None:  # noqa: B027  (optional hook)
-        """Once per step, before the first layer: derive backend-specific data into ``meta``."""
+    # ---- the KV cache: layout, allocation, writes ----
 
-    @staticmethod
+    def kv_cache_shape(self, num_blocks: int, spec: KVCacheSpec) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor holding ``num_blocks`` blocks."""
+        return (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+
+    def allocate_kv_cache(
+        self, num_blocks: int, spec: KVCacheSpec, device: torch.device
+    ) -> list[torch.Tensor]:
+        """One zeroed cache tensor per layer, ``spec.bytes_per_block * num_blocks`` in all."""
+        if (spec.num_kv_heads, spec.head_dim) != (self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"KV cache spec ({spec.num_kv_heads} heads x {spec.head_dim}) does not match the "
+                f"attention layers ({self.num_kv_heads} heads x {self.head_dim})."
+            )
+        shape = self.kv_cache_shape(num_blocks, spec)
+        dtype = kv_torch_dtype(spec.dtype)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+
     def write_kv(
-        kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+        self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
     ) -> None:
         """Scatter this step's keys/values ([T, Hkv, D]) into their cache slots."""
         _, _, _, hk, d = kv_cache.shape
         kv_cache[0].view(-1, hk, d).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, hk, d).index_copy_(0, slot_mapping, v)
 
+    # ---- per step ----
+
     @abstractmethod
+    def build_metadata(self, common: AttentionMetadata) -> AttentionMetadata:
+        """Once per step, before the first layer: this backend's metadata subclass."""
+
+    # ---- per layer ----
+
+    @abstractmethod
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, H, D], whose keys/values are already in ``kv_cache``. Returns [T, H, D]."""
+
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
+        k: torch.Tensor,
+        v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, Hkv, D] (new tokens only; None if already written, see
-        ``accepts_written_kv``). Returns [T, H, D]."""
+        """Write k/v ([T, Hkv, D], new tokens only) to the cache, then attend with q [T, H, D]."""
+        self.write_kv(kv_cache, k, v, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta)
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        q_norm: RMSNorm | None,
+        k_norm: RMSNorm | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """qkv: [T, (H + 2 Hkv) * D] (q, k, v packed): optional per-head q/k RMSNorm (Qwen3),
+        rotary, KV write, attention. Returns [T, H, D]. This default runs them as separate ops.
+        """
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if q_norm is not None and k_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = rotary(positions, q, k)
+        return self.forward(q, k, v, kv_cache, meta)
 
 
-_REGISTRY: dict[str, Callable[..., AttentionBackend]] = {}
+_REGISTRY: dict[str, type[AttentionBackend]] = {}
 
 
 def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
@@ -96,7 +164,7 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_backend_cls(name: str, device: torch.device) -> Callable[..., AttentionBackend]:
+def get_backend_cls(name: str, device: torch.device) -> type[AttentionBackend]:
     """Resolve ``name`` ("auto" picks the best one registered for ``device``)."""
     from pagedllm.layers.attention import torch_native  # noqa: F401  (registers itself)
 

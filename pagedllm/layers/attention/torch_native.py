@@ -2,52 +2,72 @@
 
 Decode rows (one new token each) are attended in one batched pass over their padded, gathered
 contexts; prompt chunks go one sequence at a time with a causal mask offset by the number of
-already-cached tokens. Simple and exact; the Triton backend replaces it on GPU.
+already-cached tokens. Simple and exact; the Triton backend replaces it on GPU. It reads the
+host-side lists of the metadata every step, so it cannot be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from pagedllm.layers.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from pagedllm.layers.attention.backend import AttentionBackend, register_backend
+from pagedllm.layers.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class TorchNativeMetadata(AttentionMetadata):
+    """The shared fields plus the step's split into decode rows and prefill sequences."""
+
+    decode_seqs: list[int]  # sequences with exactly one new token
+    prefill_seqs: list[int]  # sequences with more
+    decode_rows: torch.Tensor | None  # [len(decode_seqs)] query row of each decode sequence
+    decode_idx: torch.Tensor | None  # [len(decode_seqs)] the decode sequences' indices
 
 
 @register_backend("torch_native")
 class TorchNativeBackend(AttentionBackend):
-    def prepare(self, meta: AttentionMetadata) -> None:
-        qsl = meta.query_start_loc_cpu
-        decode = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
-        meta.extra["decode_seqs"] = decode
-        meta.extra["prefill_seqs"] = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] > 1]
-        if decode:
-            dev = meta.seq_lens.device
-            meta.extra["decode_rows"] = torch.tensor([qsl[i] for i in decode], device=dev)
-            meta.extra["decode_idx"] = torch.tensor(decode, device=dev)
+    """Exact reference backend: gathers each sequence's blocks and runs dense softmax attention."""
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+    def build_metadata(self, common: AttentionMetadata) -> TorchNativeMetadata:
+        qsl = common.query_start_loc_cpu
+        n = len(common.seq_lens_cpu)
+        decode = [i for i in range(n) if qsl[i + 1] - qsl[i] == 1]
+        rows = idx = None
+        if decode:
+            dev = common.seq_lens.device
+            rows = torch.tensor([qsl[i] for i in decode], device=dev)
+            idx = torch.tensor(decode, device=dev)
+        return common.specialize(
+            TorchNativeMetadata,
+            decode_seqs=decode,
+            prefill_seqs=[i for i in range(n) if qsl[i + 1] - qsl[i] > 1],
+            decode_rows=rows,
+            decode_idx=idx,
+        )
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        assert k is not None and v is not None, "torch_native writes the KV cache itself"
-        self.write_kv(kv_cache, k, v, meta.slot_mapping)
-        if "decode_seqs" not in meta.extra:
-            self.prepare(meta)
+        assert isinstance(meta, TorchNativeMetadata), "metadata not built by this backend"
         out = torch.empty_like(q)
-        if meta.extra["decode_seqs"]:
+        if meta.decode_seqs:
             self._decode(q, kv_cache, meta, out)
-        for i in meta.extra["prefill_seqs"]:
+        for i in meta.prefill_seqs:
             self._one_sequence(i, q, kv_cache, meta, out)
         return out
 
     def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: TorchNativeMetadata,
+        out: torch.Tensor,
     ) -> None:
-        seqs: list[int] = meta.extra["decode_seqs"]
-        rows, idx = meta.extra["decode_rows"], meta.extra["decode_idx"]
+        seqs = meta.decode_seqs
+        rows, idx = meta.decode_rows, meta.decode_idx
+        assert rows is not None and idx is not None
         block_size = kv_cache.shape[2]
         max_len = max(meta.seq_lens_cpu[i] for i in seqs)
         tables = meta.block_tables[idx, : (max_len + block_size - 1) // block_size].long()
@@ -69,7 +89,7 @@ class TorchNativeBackend(AttentionBackend):
         i: int,
         q: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: TorchNativeMetadata,
         out: torch.Tensor,
     ) -> None:
         block_size = kv_cache.shape[2]

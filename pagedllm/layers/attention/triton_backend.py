@@ -2,9 +2,14 @@
 
 Decode-only steps use the split-KV (flash-decoding) path, whose launch depends only on the
 batch size (CUDA-graph safe); any other step uses the mixed path with a per-step program list.
+On CUDA tensors ``forward_qkv`` runs q/k norm, rotary and the KV write as one kernel
+(``kernels/qkv_rope.py``) and then attends over the cache it just wrote.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -15,7 +20,13 @@ from pagedllm.kernels.paged_attention import (
     num_sms,
     paged_attention,
 )
-from pagedllm.layers.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from pagedllm.layers.attention.backend import AttentionBackend, register_backend
+from pagedllm.layers.attention.metadata import AttentionMetadata
+from pagedllm.layers.fused import use_fused
+
+if TYPE_CHECKING:
+    from pagedllm.layers.norm import RMSNorm
+    from pagedllm.layers.rotary import RotaryEmbedding
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -25,40 +36,75 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(triton.next_power_of_2(min(want, most)), 32))
 
 
+@dataclass
+class TritonMetadata(AttentionMetadata):
+    """The shared fields plus the kernel's launch plan for this step.
+
+    A decode step (every query length 1) launches one program per (sequence, KV head, split);
+    any other step lists its programs in ``programs`` (sequence, first query token), built on
+    the host each step, which is why only decode steps are captured in CUDA graphs.
+    """
+
+    decode: bool
+    num_splits: int = 1
+    programs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 @register_backend("triton")
 class TritonBackend(AttentionBackend):
-    accepts_written_kv = True
+    """Triton paged attention; on CUDA the KV write is fused into the q/k rotary kernel."""
+
+    supports_cuda_graphs = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.num_sms = num_sms(torch.device("cuda"))
 
-    def prepare(self, meta: AttentionMetadata) -> None:
-        if "decode" in meta.extra:  # set by the CUDA-graph runner
-            return
-        decode = meta.max_query_len == 1
-        meta.extra["decode"] = decode
-        if decode:
-            num_seqs = meta.extra.get("num_seqs", meta.num_seqs)  # graphs pass it (no CPU lists)
-            meta.extra["num_splits"] = decode_num_splits(
-                num_seqs, self.num_kv_heads, meta.max_seq_len, self.num_sms
+    def build_metadata(self, common: AttentionMetadata) -> TritonMetadata:
+        if common.max_query_len == 1:
+            # num_seqs comes from a tensor shape: CUDA-graph steps have no host lists.
+            splits = decode_num_splits(
+                common.num_seqs, self.num_kv_heads, common.max_seq_len, self.num_sms
             )
-        else:
-            block_q = mixed_block_q(self.num_heads, self.num_kv_heads)
-            meta.extra["programs"] = mixed_programs(
-                meta.query_start_loc_cpu, block_q, meta.seq_lens.device
-            )
+            return common.specialize(TritonMetadata, decode=True, num_splits=splits)
+        block_q = mixed_block_q(self.num_heads, self.num_kv_heads)
+        programs = mixed_programs(common.query_start_loc_cpu, block_q, common.seq_lens.device)
+        return common.specialize(TritonMetadata, decode=False, programs=programs)
 
-    def forward(
+    def forward_qkv(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        q_norm: RMSNorm | None,
+        k_norm: RMSNorm | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        if k is not None and v is not None:
-            self.write_kv(kv_cache, k, v, meta.slot_mapping)
+        if not use_fused(qkv):  # CPU tensors, or fused kernels disabled
+            return super().forward_qkv(qkv, positions, rotary, q_norm, k_norm, kv_cache, meta)
+        from pagedllm.kernels.qkv_rope import qkv_rope_store
+
+        q = qkv_rope_store(
+            qkv,
+            positions,
+            rotary.cos,
+            rotary.sin,
+            kv_cache,
+            meta.slot_mapping,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None,
+            q_norm.eps if q_norm is not None else 1e-6,
+        )
+        return self.attend(q, kv_cache, meta)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        assert isinstance(meta, TritonMetadata), "metadata not built by this backend"
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
         return paged_attention(
             q,
@@ -68,7 +114,7 @@ class TritonBackend(AttentionBackend):
             meta.seq_lens,
             meta.query_start_loc,
             self.scale,
-            decode=meta.extra["decode"],
-            num_splits=meta.extra.get("num_splits", 1),
-            programs=meta.extra.get("programs"),
+            decode=meta.decode,
+            num_splits=meta.num_splits,
+            programs=meta.programs,
         )

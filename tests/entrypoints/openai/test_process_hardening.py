@@ -80,7 +80,10 @@ def test_slow_body_is_408(guarded: ServerProc) -> None:
     with socket.create_connection(("127.0.0.1", guarded.port)) as s:
         s.sendall(head.encode() + b'{"prompt": ')
         s.settimeout(5.0)
-        reply = s.recv(65536).decode()
+        chunks = []
+        while chunk := s.recv(65536):  # until the server closes the connection
+            chunks.append(chunk)
+        reply = b"".join(chunks).decode()
     assert reply.startswith("HTTP/1.1 408"), reply
     assert '"code":"request_timeout"' in reply.replace(" ", "")
 

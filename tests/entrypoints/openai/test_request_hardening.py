@@ -86,8 +86,12 @@ def test_tokenization_runs_off_the_event_loop(server: ServerProc) -> None:
         for f in futures:
             f.result()
     assert statuses == [400] * 100  # each prompt has thousands of tokens: found by tokenizing
-    assert len(latencies) >= 5, "the requests finished too fast to measure anything"
-    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    assert len(latencies) >= 10, "the requests finished too fast to measure anything"
+    # On the event loop this was one stall for the whole tokenization (seconds). Off the loop,
+    # only scheduling noise of a loaded 2-core machine remains: judge the 90th percentile.
+    latencies.sort()
+    assert latencies[int(0.9 * len(latencies))] < 0.1, latencies[-5:]
+    assert latencies[-1] < 1.0, latencies[-5:]
 
 
 # ---- 2. invalid Unicode --------------------------------------------------------------------

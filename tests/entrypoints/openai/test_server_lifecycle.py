@@ -66,15 +66,26 @@ class _Blocker(threading.Thread):
         return dict(json.loads(self.events[-2][6:])["usage"])
 
 
+def _wait_until_waiting(server: ServerProc, n: int, timeout: float = 20.0) -> None:
+    """Poll /metrics until the engine reports ``n`` waiting requests."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+            if line.startswith("pagedllm:num_requests_waiting") and float(line.split()[-1]) >= n:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{n} waiting request(s) never showed in /metrics")
+
+
 def test_queue_full_is_503(drain: ServerProc) -> None:
     url = drain.base_url + COMPLETIONS
-    blocker = _Blocker(drain, 200)
+    blocker = _Blocker(drain, 900)  # about 2 s: it holds the only seat while we look
     blocker.start()
     assert blocker.started.wait(30)  # it is running: the next request has to wait
     waiting: list[httpx.Response] = []
     second = threading.Thread(target=lambda: waiting.append(httpx.post(url, json=_body(3))))
     second.start()
-    time.sleep(0.05)
+    _wait_until_waiting(drain, 1)  # the second request is queued in the engine
     third = httpx.post(url, json=_body(3, stream=True), timeout=60)  # --max-waiting-requests 1
     assert third.status_code == 503, third.text
     err = third.json()["error"]
@@ -84,7 +95,7 @@ def test_queue_full_is_503(drain: ServerProc) -> None:
         assert waiting[0].json()["usage"]["completion_tokens"] == 3
     else:
         assert waiting[0].json()["error"]["code"] == "queue_timeout"
-    assert blocker.usage()["completion_tokens"] == 200
+    assert blocker.usage()["completion_tokens"] == 900
 
 
 def test_queue_timeout_is_503(drain: ServerProc) -> None:
