@@ -113,5 +113,15 @@ class SamplingParams:
             self._all_stop_token_ids |= eos_token_ids
 
     @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling reads the values of the sequence's own previous tokens (penalties): with
+        async scheduling such a sequence waits for its last token instead of running ahead."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
     def all_stop_token_ids(self) -> set[int]:
         return self._all_stop_token_ids

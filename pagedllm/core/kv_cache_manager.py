@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pagedllm.core.block_pool import BlockPool, KVBlock, hash_block
-from pagedllm.core.request import Request
+from pagedllm.core.sequence import Sequence
 
 
 def cdiv(a: int, b: int) -> int:
@@ -17,7 +17,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
-        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.seq_blocks: dict[str, list[KVBlock]] = {}
         self.num_registered: dict[str, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up (counted by the scheduler on admission)
         self.prefix_hits = 0  # of those, tokens served from the cache
@@ -26,26 +26,33 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, [])]
+    def num_blocks_of(self, seq_id: str) -> int:
+        return len(self.seq_blocks.get(seq_id, ()))
 
-    def _update_hashes(self, req: Request) -> None:
+    def block_ids_from(self, seq_id: str, start: int) -> list[int]:
+        """Block ids of ``seq_id`` from table position ``start`` on."""
+        return [b.block_id for b in self.seq_blocks.get(seq_id, [])[start:]]
+
+    def block_ids(self, seq_id: str) -> list[int]:
+        return [b.block_id for b in self.seq_blocks.get(seq_id, [])]
+
+    def _update_hashes(self, seq: Sequence) -> None:
         bs = self.block_size
-        for i in range(len(req.block_hashes), req.num_tokens // bs):
-            parent = req.block_hashes[-1] if i else None
-            req.block_hashes.append(hash_block(parent, req.all_token_ids[i * bs : (i + 1) * bs]))
+        for i in range(len(seq.block_hashes), seq.num_tokens // bs):
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(hash_block(parent, seq.all_token_ids[i * bs : (i + 1) * bs]))
 
-    def find_cached_prefix(self, req: Request) -> list[KVBlock]:
+    def find_cached_prefix(self, seq: Sequence) -> list[KVBlock]:
         """Longest run of cached full blocks matching the request's leading tokens.
 
-        At least one token is always left to compute (its logits are needed). Requests that
+        At least one token is always left to compute (its logits are needed). Sequences that
         ask for prompt logprobs skip the lookup (cached positions would have none).
         """
-        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
-        self._update_hashes(req)
+        self._update_hashes(seq)
         hits: list[KVBlock] = []
-        for block_hash in req.block_hashes[: (req.num_tokens - 1) // self.block_size]:
+        for block_hash in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -53,66 +60,64 @@ class KVCacheManager:
         return hits
 
     def allocate(
-        self, req: Request, num_new_tokens: int, cached: list[KVBlock] | None = None
+        self, seq: Sequence, num_new_tokens: int, cached: list[KVBlock] | None = None
     ) -> bool:
         """Make room for ``num_new_tokens`` more tokens after the computed (and cached) ones.
 
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
         cached = cached or []
-        blocks = self.req_blocks.setdefault(req.request_id, [])
-        total = req.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        blocks = self.seq_blocks.setdefault(seq.seq_id, [])
+        total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         need = cdiv(total, self.block_size) - len(blocks) - len(cached)
         reviving = sum(1 for b in cached if b.ref_cnt == 0)  # cached blocks now on the free list
         if need > self.pool.num_free_blocks - reviving:
             if not blocks:
-                del self.req_blocks[req.request_id]
+                del self.seq_blocks[seq.seq_id]
             return False
         if cached:
             self.pool.touch(cached)
             blocks.extend(cached)
-            self.num_registered[req.request_id] = len(blocks)
+            self.num_registered[seq.seq_id] = len(blocks)
         if need > 0:
             blocks.extend(self.pool.allocate(need))
         return True
 
-    def commit_computed(self, req: Request, num_computed: int | None = None) -> None:
+    def commit_computed(self, seq: Sequence, num_computed: int | None = None) -> None:
         """Index the request's blocks now full of computed tokens (the first ``num_computed``,
         default all computed ones)."""
-        if not self.enable_prefix_caching or req.request_id not in self.req_blocks:
+        if not self.enable_prefix_caching or seq.seq_id not in self.seq_blocks:
             return
         if num_computed is None:
-            num_computed = req.num_computed_tokens
-        start = self.num_registered.get(req.request_id, 0)
-        end = min(num_computed, req.num_tokens) // self.block_size
+            num_computed = seq.num_computed_tokens
+        start = self.num_registered.get(seq.seq_id, 0)
+        end = min(num_computed, seq.num_tokens) // self.block_size
         if end <= start:
             return
-        self._update_hashes(req)
-        blocks = self.req_blocks[req.request_id]
+        self._update_hashes(seq)
+        blocks = self.seq_blocks[seq.seq_id]
         for i in range(start, end):
-            self.pool.register(blocks[i], req.block_hashes[i])
-        self.num_registered[req.request_id] = end
+            self.pool.register(blocks[i], seq.block_hashes[i])
+        self.num_registered[seq.seq_id] = end
 
-    def fork(self, parent: Request, child: Request, num_computed: int | None = None) -> None:
+    def fork(self, parent: Sequence, child: Sequence, num_computed: int | None = None) -> None:
         """Let ``child`` start from the full blocks of ``parent``'s first ``num_computed``
         tokens (shared, ref-counted); a parent without blocks (preempted) shares none."""
         if num_computed is None:
             num_computed = parent.num_computed_tokens
         k = num_computed // self.block_size
-        shared = self.req_blocks.get(parent.request_id, [])[:k]
+        shared = self.seq_blocks.get(parent.seq_id, [])[:k]
         k = len(shared)
         self.pool.touch(shared)
-        self.req_blocks[child.request_id] = list(shared)
-        self.num_registered[child.request_id] = min(
-            self.num_registered.get(parent.request_id, 0), k
-        )
+        self.seq_blocks[child.seq_id] = list(shared)
+        self.num_registered[child.seq_id] = min(self.num_registered.get(parent.seq_id, 0), k)
         child.block_hashes = parent.block_hashes[:k]
         child.num_computed_tokens = k * self.block_size
 
-    def free(self, req: Request) -> None:
+    def free(self, seq: Sequence) -> None:
         """Return the request's blocks; the tail goes first so it is evicted first."""
-        blocks = self.req_blocks.pop(req.request_id, [])
-        self.num_registered.pop(req.request_id, None)
+        blocks = self.seq_blocks.pop(seq.seq_id, [])
+        self.num_registered.pop(seq.seq_id, None)
         self.pool.release(reversed(blocks))
 
     def max_blocks_for(self, num_tokens: int) -> int:

@@ -7,6 +7,11 @@ while budget, seats and KV blocks last. When the pool runs dry the newest runnin
 preempted: its blocks are freed and it is recomputed later (the prefix cache usually gives most
 of them back).
 
+The output of ``schedule()`` is plain data (``scheduler_output.py``): new sequences once, then
+per-step diffs. A sequence whose sampling reads its own previous tokens on the host
+(penalties) is not scheduled while its last token is still on the device, so with async
+scheduling it waits one step; every other sequence stays a step ahead.
+
 Seats: never more than ``max_num_seqs`` sequences run. A leader of n > 1 sequences claims
 seats for the siblings it forks once its prompt is computed, capped at ``max_num_seqs`` so it
 can always start once the batch drains; siblings that find no seat at fork time queue right
@@ -17,49 +22,20 @@ from __future__ import annotations
 
 import bisect
 import operator
-from dataclasses import dataclass, field
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.core.request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledRequest:
-    """Tokens ``[start, start + num_new_tokens)`` of ``request`` are computed this step.
-
-    ``samples``: the chunk reaches the request's last token, so a new token is sampled. With
-    async scheduling the last token may itself still be on the device (``num_pending``).
-    """
-
-    request: Request
-    num_new_tokens: int
-    block_ids: list[int]
-    start: int = -1
-    samples: bool = False
-
-    def __post_init__(self) -> None:
-        if self.start < 0:
-            req = self.request
-            self.start = req.num_computed_tokens
-            self.samples = self.start + self.num_new_tokens == req.num_tokens_with_pending
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_new_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+from pagedllm.core.scheduler_output import (
+    NewSequenceData,
+    ScheduledSequence,
+    SchedulerOutput,
+)
+from pagedllm.core.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
+    """Decides, every step, which sequences compute which tokens (see the module doc)."""
+
     def __init__(self, config: EngineConfig, num_blocks: int) -> None:
         assert config.max_num_batched_tokens is not None and config.max_model_len is not None
         self.max_num_seqs = config.max_num_seqs
@@ -68,198 +44,255 @@ class Scheduler:
         self.chunked_prefill = config.enable_chunked_prefill
         self.block_size = config.block_size
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.sequences: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self._finished_on_worker: list[str] = []  # sent with the next step
+        # The sequences of each step not yet updated (by id of its SchedulerOutput): an id may
+        # be reused once its sequence finished while a step naming it is still in flight.
+        self._in_flight: dict[int, list[Sequence]] = {}
         by_priority = config.scheduling_policy == "priority"
         self._key = operator.attrgetter("sort_key" if by_priority else "arrival_key")
 
     # ---- admission and removal -------------------------------------------------------
-    def add_request(self, req: Request) -> None:
-        """Queue a request; raises ValueError if it could never fit in the KV pool."""
-        if req.request_id in self.requests:
-            raise ValueError(f"Request id {req.request_id!r} is already in use.")
-        longest = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a sequence; raises ValueError if it could never fit in the KV pool."""
+        if seq.seq_id in self.sequences:
+            raise ValueError(f"Request id {seq.seq_id!r} is already in use.")
+        longest = min(seq.num_prompt_tokens + seq.max_tokens, self.max_model_len)
         need = self.kv.max_blocks_for(longest)
         if need > self.kv.pool.num_blocks:
             raise ValueError(
-                f"Request {req.group_id!r} needs up to {longest} tokens ({need} KV blocks) but the "
-                f"KV cache holds only {self.kv.pool.num_blocks} blocks of {self.block_size} "
+                f"Request {seq.request_id!r} needs up to {longest} tokens ({need} KV blocks) but "
+                f"the KV cache holds only {self.kv.pool.num_blocks} blocks of {self.block_size} "
                 "tokens; lower max_tokens or give the KV cache more memory."
             )
-        self.requests[req.request_id] = req
-        self._enqueue(self.waiting, req)
+        self.sequences[seq.seq_id] = seq
+        self._enqueue(self.waiting, seq)
 
-    def _enqueue(self, queue: list[Request], req: Request) -> None:
-        bisect.insort(queue, req, key=self._key)
+    def _enqueue(self, queue: list[Sequence], seq: Sequence) -> None:
+        bisect.insort(queue, seq, key=self._key)
 
-    def _seats(self, req: Request) -> int:
-        """Seats ``req`` claims: itself plus the siblings it has yet to fork (so they can share
+    def _seats(self, seq: Sequence) -> int:
+        """Seats ``seq`` claims: itself plus the siblings it has yet to fork (so they can share
         its prompt blocks), at most all of them, so that any group can start on an empty batch.
         """
-        return min(1 + len(req.pending_forks), self.max_num_seqs)
+        return min(1 + len(seq.pending_forks), self.max_num_seqs)
 
-    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
-        """Finish (e.g. abort) requests wherever they are; their blocks return to the pool."""
+    def finish_sequences(self, seq_ids: list[str], status: SequenceStatus) -> list[Sequence]:
+        """Finish (e.g. abort) sequences wherever they are; their blocks return to the pool."""
         done = []
-        for rid in request_ids:
-            req = self.requests.pop(rid, None)
-            if req is None:
+        for sid in seq_ids:
+            seq = self.sequences.pop(sid, None)
+            if seq is None:
                 continue
-            if req in self.running:
-                self.running.remove(req)
-            elif req in self.waiting:
-                self.waiting.remove(req)
-            self.kv.free(req)
-            req.status = status
-            done.append(req)
-            for child in req.pending_forks:  # never started: finish with the parent
+            if seq in self.running:
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            self.kv.free(seq)
+            seq.status = status
+            done.append(seq)
+            for child in seq.pending_forks:  # never started: finish with the parent
                 child.status = status
                 done.append(child)
-            req.pending_forks = []
+            seq.pending_forks = []
+        for seq in done:
+            if seq.on_worker:
+                self._finished_on_worker.append(seq.seq_id)
+                seq.on_worker = False
         return done
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+    def has_unfinished_sequences(self) -> bool:
+        return bool(self.sequences)
 
     # ---- one step --------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_seq_ids=self._finished_on_worker)
+        self._finished_on_worker = []
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = req.num_tokens_with_pending - req.num_computed_tokens
-            if (num_new > budget and not self.chunked_prefill) or self._finishes_on_pending(req):
-                i += 1  # a fork's tail waits for room; a request ending on its pending token waits
+            seq = self.running[i]
+            num_new = seq.num_tokens_with_pending - seq.num_computed_tokens
+            if (
+                (num_new > budget and not self.chunked_prefill)
+                or self._finishes_on_pending(seq)
+                or (seq.num_pending and seq.params.needs_host_tokens)
+            ):
+                i += 1  # waits: a fork's tail for room, a penalty sequence for its token, ...
                 continue
             num_new = min(num_new, budget)
-            while not self.kv.allocate(req, num_new):
+            while not self.kv.allocate(seq, num_new):
                 victim = self.running.pop()  # newest / lowest priority
                 self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
+                out.preempted_seq_ids.append(victim.seq_id)
+                if victim is seq:
                     break
-            if req.status != RequestStatus.RUNNING:
+            if seq.status != SequenceStatus.RUNNING:
                 break
-            self._add(out, req, num_new)
+            self._add(out, seq, num_new)
             budget -= num_new
             i += 1
-        if not out.preempted:
+        if not out.preempted_seq_ids:
             self._admit_waiting(out, budget)
+        if out.scheduled:
+            self._in_flight[id(out)] = [self.sequences[s.seq_id] for s in out.scheduled]
         return out
 
-    def _finishes_on_pending(self, req: Request) -> bool:
+    def _finishes_on_pending(self, seq: Sequence) -> bool:
         """Its in-flight token is its last (max_tokens / max_model_len): nothing to schedule."""
-        if not req.num_pending:
+        if not seq.num_pending:
             return False
         return (
-            req.num_output_tokens + req.num_pending >= req.max_tokens
-            or req.num_tokens_with_pending >= self.max_model_len
+            seq.num_output_tokens + seq.num_pending >= seq.max_tokens
+            or seq.num_tokens_with_pending >= self.max_model_len
         )
 
-    def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
-        """Schedule ``num_new`` tokens of ``req`` and count them as computed from now on."""
-        sched = ScheduledRequest(req, num_new, self.kv.block_ids(req.request_id))
-        out.scheduled.append(sched)
-        req.num_computed_tokens += num_new
-        if sched.samples:
-            req.num_pending += 1
+    def _add(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        """Schedule ``num_new`` tokens of ``seq`` (as a diff for the worker) and count them as
+        computed from now on."""
+        start = seq.num_computed_tokens
+        samples = start + num_new == seq.num_tokens_with_pending
+        sample_ids: list[str] = []
+        if samples:
+            sample_ids.append(seq.seq_id)
+            if seq.num_output_tokens + seq.num_pending == 0:  # first token: siblings too
+                sample_ids.extend(c.seq_id for c in seq.pending_forks)
+                for child in seq.pending_forks:
+                    out.new_sequences.append(self._new_data(child))
+        if not seq.on_worker:
+            out.new_sequences.append(self._new_data(seq))
+        reset = seq.blocks_sent < 0
+        out.scheduled.append(
+            ScheduledSequence(
+                seq_id=seq.seq_id,
+                num_computed_tokens=start,
+                num_new_tokens=num_new,
+                block_ids=self.kv.block_ids_from(seq.seq_id, 0 if reset else seq.blocks_sent),
+                reset_blocks=reset,
+                new_token_ids=seq.all_token_ids[seq.num_tokens_sent :],
+                sample_seq_ids=sample_ids,
+            )
+        )
+        seq.blocks_sent = self.kv.num_blocks_of(seq.seq_id)
+        seq.num_tokens_sent = seq.num_tokens
+        seq.num_computed_tokens += num_new
+        if samples:
+            seq.num_pending += 1
+
+    @staticmethod
+    def _new_data(seq: Sequence) -> NewSequenceData:
+        """The worker learns ``seq`` now: its prompt here, its outputs as ``new_token_ids``."""
+        seq.on_worker = True
+        seq.num_tokens_sent = seq.num_prompt_tokens
+        return NewSequenceData(seq.seq_id, seq.prompt_token_ids, seq.params, seq.seed, seq.index)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         seats = sum(self._seats(r) for r in self.running)  # <= max_num_seqs at all times
         while self.waiting and budget > 0:
-            req = self.waiting[0]
-            if req.num_pending:  # preempted with a token in flight: admit once it has landed
+            seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token in flight: admit once it has landed
                 break
-            if seats + self._seats(req) > self.max_num_seqs:
+            if seats + self._seats(seq) > self.max_num_seqs:
                 break
-            cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.block_size
-            num_new = req.num_tokens - req.num_computed_tokens - num_cached
+            num_new = seq.num_tokens - seq.num_computed_tokens - num_cached
             if num_new > budget:
                 if not self.chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate(req, num_new, cached):
+            if not self.kv.allocate(seq, num_new, cached):
                 break
             self.waiting.pop(0)
-            req.num_computed_tokens += num_cached
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
-                self.kv.prefix_queries += req.num_prompt_tokens
+            seq.num_computed_tokens += num_cached
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = num_cached
+                self.kv.prefix_queries += seq.num_prompt_tokens
                 self.kv.prefix_hits += num_cached
-            req.status = RequestStatus.RUNNING
-            seats += self._seats(req)
-            self._enqueue(self.running, req)
-            self._add(out, req, num_new)
+            seq.status = SequenceStatus.RUNNING
+            seats += self._seats(seq)
+            self._enqueue(self.running, seq)
+            self._add(out, seq, num_new)
             budget -= num_new
 
-    def _preempt(self, req: Request) -> None:
-        self.kv.free(req)
-        req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
-        req.num_preemptions += 1
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_computed_tokens = 0
+        seq.blocks_sent = -1
+        seq.num_preemptions += 1
         self.num_preemptions += 1
-        self._enqueue(self.waiting, req)
+        self._enqueue(self.waiting, seq)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, fork n > 1 siblings, finish requests.
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> list[tuple[Sequence, list[int]]]:
+        """Advance computed counts, append sampled tokens (any number per sequence), fork
+        n > 1 siblings, finish sequences.
 
-        Returns every sequence that received a token (finished or not).
+        Returns every sequence that received tokens, with the tokens it kept (a stop token
+        ends the list).
         """
-        changed: list[Request] = []
-        for sched in out.scheduled:
-            req = sched.request
-            if req.is_finished:
+        changed: list[tuple[Sequence, list[int]]] = []
+        seqs = self._in_flight.pop(id(out), None)
+        if seqs is None:  # a copy of the step (e.g. it crossed a process): look the ids up
+            seqs = [self.sequences.get(s.seq_id) for s in out.scheduled]
+        for sched, seq in zip(out.scheduled, seqs, strict=True):
+            if seq is None or seq.is_finished:
                 continue  # finished (stop string, abort) while this step was in flight
-            running = req.status == RequestStatus.RUNNING
+            running = seq.status == SequenceStatus.RUNNING
             if running:
-                self.kv.commit_computed(req, sched.end)
+                self.kv.commit_computed(seq, sched.end)
             if not sched.samples:
                 continue
-            req.num_pending -= 1
-            for child in self._fork(req, sched.end):
-                self._append(child, sampled[child.request_id])
-                changed.append(child)
-            self._append(req, sampled[req.request_id])
-            changed.append(req)
+            seq.num_pending -= 1
+            for child in self._fork(seq, sched.end):
+                changed.append((child, self._append(child, sampled[child.seq_id])))
+            changed.append((seq, self._append(seq, sampled[seq.seq_id])))
         return changed
 
-    def _fork(self, req: Request, num_computed: int) -> list[Request]:
-        """Start the n > 1 siblings of ``req``, whose first tokens were just sampled.
+    def _fork(self, seq: Sequence, num_computed: int) -> list[Sequence]:
+        """Start the n > 1 siblings of ``seq``, whose first tokens were just sampled.
 
-        Siblings that find a seat (the leader's claim guarantees it ``_seats(req) - 1``) share
+        Siblings that find a seat (the leader's claim guarantees it ``_seats(seq) - 1``) share
         the leader's computed prompt blocks. The others, and all of them if the leader was
         preempted meanwhile, wait and start from scratch: the prefix cache usually gives the
         prompt back.
         """
-        if not req.pending_forks:
+        if not seq.pending_forks:
             return []
-        children, req.pending_forks = req.pending_forks, []
+        children, seq.pending_forks = seq.pending_forks, []
         free = 0
-        if req.status == RequestStatus.RUNNING:
-            free = self.max_num_seqs - 1 - sum(self._seats(r) for r in self.running if r is not req)
+        if seq.status == SequenceStatus.RUNNING:
+            free = self.max_num_seqs - 1 - sum(self._seats(r) for r in self.running if r is not seq)
         for j, child in enumerate(children):
-            child.num_cached_tokens = req.num_cached_tokens
-            self.requests[child.request_id] = child
+            child.num_cached_tokens = seq.num_cached_tokens
+            self.sequences[child.seq_id] = child
             if j < free:
-                self.kv.fork(req, child, num_computed)
-                child.status = RequestStatus.RUNNING
+                self.kv.fork(seq, child, num_computed)
+                child.status = SequenceStatus.RUNNING
                 self._enqueue(self.running, child)
             else:
                 self._enqueue(self.waiting, child)
         return children
 
-    def _append(self, req: Request, token: int) -> None:
-        req.append_output_token(token)
-        params = req.params
-        if token in params.all_stop_token_ids and req.num_output_tokens >= params.min_tokens:
-            req.stop_reason = token if token in (params.stop_token_ids or []) else None
-            self.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            self.finish_requests([req.request_id], RequestStatus.FINISHED_LENGTH)
+    def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        """Append ``tokens`` up to the first that ends the sequence; return those kept."""
+        params = seq.params
+        for i, token in enumerate(tokens):
+            seq.append_output_token(token)
+            if token in params.all_stop_token_ids and seq.num_output_tokens >= params.min_tokens:
+                seq.stop_reason = token if token in (params.stop_token_ids or []) else None
+                self.finish_sequences([seq.seq_id], SequenceStatus.FINISHED_STOPPED)
+            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.finish_sequences([seq.seq_id], SequenceStatus.FINISHED_LENGTH)
+            else:
+                continue
+            return tokens[: i + 1]
+        return list(tokens)
 
     # ---- stats -----------------------------------------------------------------------
     @property

@@ -55,7 +55,7 @@ from pagedllm.engine.messages import (
 )
 
 if TYPE_CHECKING:
-    from pagedllm.core.request import Request
+    from pagedllm.core.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class EngineCore:
     def __init__(self, engine: LLMEngine, out: Channel) -> None:
         self.engine = engine
         self.out = out
-        self._live: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self._live: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._prompt_counted: set[str] = set()
         self._finished_generation_tokens = 0
         self._last_sent = time.monotonic()
@@ -119,7 +119,7 @@ class EngineCore:
                 self._finish(out.request_id)
         return EngineOutputs(outputs, self.stats())
 
-    def _count_prompt(self, request_id: str, seqs: list[Request]) -> None:
+    def _count_prompt(self, request_id: str, seqs: list[Sequence]) -> None:
         """Prompt tokens count once the prompt has been computed (the first token exists)."""
         if request_id not in self._prompt_counted and seqs and seqs[0].num_output_tokens > 0:
             self._prompt_counted.add(request_id)

@@ -1,7 +1,8 @@
 """The synchronous engine: validate and queue requests, then ``step()`` until done.
 
-One step = scheduler.schedule() -> model_runner.execute() -> scheduler.update_from_output()
--> output_processor (detokenize, stop strings, logprobs) -> ``RequestOutput``s.
+One step = scheduler.schedule() (plain data: ``core/scheduler_output.py``) ->
+model_runner.execute_async() -> scheduler.update_from_output() -> output_processor (detokenize,
+stop strings, logprobs) -> ``RequestOutput``s. A request of n completions is n ``Sequence``s.
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Sequence as SequenceOf
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.core.sequence import Sequence, SequenceStatus
 from pagedllm.engine.input_processing import tokenize_prompt, validate_priority, validate_request
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
+    """Owns the tokenizer, scheduler, model runner and output processor of one engine."""
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         assert config.tokenizer is not None and config.model is not None
@@ -36,10 +38,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.runner.num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
-        self._pending_finished: list[Request] = []
+        self._pending_finished: list[Sequence] = []
         self._next_id = 0
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None  # async scheduling
-        self._sync_groups: set[str] = set()  # requests that force synchronous steps
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults applied."""
@@ -50,7 +51,7 @@ class LLMEngine:
         self._next_id += 1
         return str(self._next_id - 1)
 
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize(self, prompt: str | SequenceOf[int]) -> list[int]:
         return tokenize_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -59,7 +60,7 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str | None,
-        prompt: str | Sequence[int],
+        prompt: str | SequenceOf[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
@@ -74,36 +75,30 @@ class LLMEngine:
         prompt_ids = self.tokenize(prompt)
         max_tokens = self.validate(prompt_ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        seqs = []
-        for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.config.torch_device).manual_seed(params.seed + i)
-            seqs.append(
-                Request(
-                    request_id=request_id if i == 0 else f"{request_id}#{i}",
-                    prompt_token_ids=prompt_ids,
-                    params=params,
-                    max_tokens=max_tokens,
-                    group_id=request_id,
-                    index=i,
-                    priority=priority,
-                    arrival_time=arrival,
-                    generator=gen,
-                )
+        seqs = [
+            Sequence(
+                seq_id=request_id if i == 0 else f"{request_id}#{i}",
+                prompt_token_ids=prompt_ids,
+                params=params,
+                max_tokens=max_tokens,
+                request_id=request_id,
+                index=i,
+                priority=priority,
+                arrival_time=arrival,
+                seed=None if params.seed is None else params.seed + i,
             )
+            for i in range(params.n)
+        ]
         seqs[0].pending_forks = seqs[1:]
-        self.scheduler.add_request(seqs[0])  # raises if it can never fit
-        self._groups[request_id] = [s.request_id for s in seqs]
-        if _needs_sync(params):
-            self._sync_groups.add(request_id)
+        self.scheduler.add_sequence(seqs[0])  # raises if it can never fit
+        self._groups[request_id] = [s.seq_id for s in seqs]
         self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
         return request_id
 
-    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+    def abort_request(self, request_ids: str | SequenceOf[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         seq_ids = [sid for rid in ids for sid in self._groups.get(rid, [])]
-        done = self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        done = self.scheduler.finish_sequences(seq_ids, SequenceStatus.FINISHED_ABORTED)
         self._pending_finished.extend(done)
 
     def has_unfinished_requests(self) -> bool:
@@ -118,25 +113,27 @@ class LLMEngine:
 
         With async scheduling, step N+1 is scheduled and enqueued on the device before step
         N's sampled tokens are read back and processed, so the CPU work of both overlaps the
-        GPU; outputs then trail the device by one step. Requests whose sampling depends on
-        their own previous tokens (penalties, min_tokens) or that fork n > 1 siblings run
-        synchronously.
+        GPU; outputs then trail the device by one step. The scheduler holds back, per sequence,
+        those whose sampling reads their own previous tokens (penalties) until their last
+        token is on the host; everyone else stays a step ahead.
         """
         op = self.output_processor
         if self._pending_finished:
             op.finish(self._pending_finished)
             self._pending_finished = []
-        if not self.config.async_scheduling or self._sync_groups:
+        if not self.config.async_scheduling:
             if self._inflight is not None:  # drain the step in flight first
                 self._complete(*self._inflight)
                 self._inflight = None
             else:
                 sched = self._schedule()
+                handle = self.runner.execute_async(sched)
                 if sched.scheduled:
-                    self._complete(sched, self.runner.execute_async(sched))
+                    self._complete(sched, handle)
         else:
             sched = self._schedule()
-            handle = self.runner.execute_async(sched) if sched.scheduled else None
+            handle = self.runner.execute_async(sched)  # also applies finishes when empty
+            handle = handle if sched.scheduled else None
             if self._inflight is not None:
                 self._complete(*self._inflight)
             self._inflight = (sched, handle) if handle is not None else None
@@ -144,7 +141,6 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self._groups.pop(out.request_id, None)
-                self._sync_groups.discard(out.request_id)
         return outputs
 
     def _schedule(self) -> SchedulerOutput:
@@ -152,9 +148,10 @@ class LLMEngine:
         if sched.scheduled:
             now = time.monotonic()
             for s in sched.scheduled:
-                if s.request.first_scheduled_time is None:
-                    s.request.first_scheduled_time = now
-        elif self._inflight is None and self.scheduler.has_unfinished_requests():
+                seq = self.scheduler.sequences[s.seq_id]
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+        elif self._inflight is None and self.scheduler.has_unfinished_sequences():
             raise RuntimeError("Scheduler made no progress with requests pending (engine bug).")
         return sched
 
@@ -167,8 +164,8 @@ class LLMEngine:
             op.add_prompt_logprobs(sid, start, entries)  # leader: sequence id == group id
         stopped = op.process_tokens(changed, result.logprobs)
         if stopped:
-            done = self.scheduler.finish_requests(
-                [s.request_id for s in stopped], RequestStatus.FINISHED_STOPPED
+            done = self.scheduler.finish_sequences(
+                [s.seq_id for s in stopped], SequenceStatus.FINISHED_STOPPED
             )
             op.finish(done)
 
@@ -184,15 +181,3 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_kv_blocks": kv.pool.num_blocks,
         }
-
-
-def _needs_sync(params: SamplingParams) -> bool:
-    """Sampling that reads the request's own latest tokens (penalties, min_tokens) or forks
-    n > 1 siblings can't run one step ahead of the token read-back."""
-    return (
-        params.n > 1
-        or params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-        or params.min_tokens > 0
-    )

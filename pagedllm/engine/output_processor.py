@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler_output import TokenLogprobs
+from pagedllm.core.sequence import Sequence, SequenceStatus
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.outputs import (
     CompletionOutput,
@@ -22,12 +23,11 @@ from pagedllm.outputs import (
     SampleLogprobs,
 )
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-from pagedllm.worker.model_runner import TokenLogprobs
 
 
 @dataclass
 class SequenceState:
-    seq: Request
+    seq: Sequence
     detokenizer: IncrementalDetokenizer
     logprobs: SampleLogprobs | None
     cumulative_logprob: float | None
@@ -100,15 +100,15 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
 
-    def add_request(self, prompt: str | None, seqs: list[Request]) -> None:
+    def add_request(self, prompt: str | None, seqs: list[Sequence]) -> None:
         lead = seqs[0]
         params = lead.params
         want_lp = params.logprobs is not None
         prompt_lp: PromptLogprobs | None = None
         if params.prompt_logprobs is not None:
             prompt_lp = [None] * lead.num_prompt_tokens
-        self.states[lead.group_id] = RequestState(
-            request_id=lead.group_id,
+        self.states[lead.request_id] = RequestState(
+            request_id=lead.request_id,
             prompt=prompt,
             prompt_token_ids=lead.prompt_token_ids,
             params=params,
@@ -133,37 +133,42 @@ class OutputProcessor:
                 entry[tok] = Logprob(val, rank, self.tokenizer.decode([tok]))
         return entry
 
-    def add_prompt_logprobs(self, group_id: str, start: int, entries: list[TokenLogprobs]) -> None:
-        state = self.states.get(group_id)
+    def add_prompt_logprobs(
+        self, request_id: str, start: int, entries: list[TokenLogprobs]
+    ) -> None:
+        state = self.states.get(request_id)
         if state is None or state.prompt_logprobs is None:
             return
         for i, lp in enumerate(entries):  # position p predicts prompt token p + 1
             state.prompt_logprobs[start + i + 1] = self._entry(lp)
 
     def process_tokens(
-        self, seqs: list[Request], logprobs: dict[str, TokenLogprobs]
-    ) -> list[Request]:
-        """Detokenize each sequence's newest token. Returns sequences a stop string ended."""
+        self,
+        updates: list[tuple[Sequence, list[int]]],
+        logprobs: dict[str, list[TokenLogprobs]],
+    ) -> list[Sequence]:
+        """Detokenize each sequence's new tokens (any number). Returns sequences a stop string
+        ended."""
         now = time.monotonic()
-        stopped: list[Request] = []
-        for seq in seqs:
-            state = self.states[seq.group_id]
+        stopped: list[Sequence] = []
+        for seq, tokens in updates:
+            state = self.states[seq.request_id]
             ss = state.seqs[seq.index]
             state.changed = True
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             if seq.first_scheduled_time is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = seq.first_scheduled_time
-            token = seq.output_token_ids[-1]
-            lp = logprobs.get(seq.request_id)
-            if lp is not None and ss.logprobs is not None and ss.cumulative_logprob is not None:
-                ss.logprobs.append(self._entry(lp))
-                ss.cumulative_logprob += lp.logprobs[0]
+            lps = logprobs.get(seq.seq_id)
+            if lps is not None and ss.logprobs is not None and ss.cumulative_logprob is not None:
+                for lp in lps[: len(tokens)]:
+                    ss.logprobs.append(self._entry(lp))
+                    ss.cumulative_logprob += lp.logprobs[0]
             stop_terminated = (
-                seq.status == RequestStatus.FINISHED_STOPPED
-                and token in seq.params.all_stop_token_ids
+                seq.status == SequenceStatus.FINISHED_STOPPED
+                and tokens[-1] in seq.params.all_stop_token_ids
             )
-            matched = ss.detokenizer.update([token], stop_terminated)
+            matched = ss.detokenizer.update(tokens, stop_terminated)
             if matched is not None and not seq.is_finished:
                 ss.stop_reason = matched
                 stopped.append(seq)
@@ -172,15 +177,15 @@ class OutputProcessor:
                 ss.stop_reason = seq.stop_reason
         return stopped
 
-    def finish(self, seqs: list[Request]) -> None:
+    def finish(self, seqs: list[Sequence]) -> None:
         """Record finishes decided outside ``process_tokens`` (aborts, stop strings)."""
         for seq in seqs:
-            state = self.states.get(seq.group_id)
+            state = self.states.get(seq.request_id)
             if state is None:
                 continue
             ss = state.seqs[seq.index]
             ss.finish_reason = seq.status.finish_reason
-            if seq.status != RequestStatus.FINISHED_STOPPED:
+            if seq.status != SequenceStatus.FINISHED_STOPPED:
                 ss.stop_reason = None
             state.changed = True
 

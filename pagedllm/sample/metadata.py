@@ -27,8 +27,9 @@ class SamplingRow:
 
     params: SamplingParams
     prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens generated so far for this sequence
-    generator: torch.Generator | None  # set iff params.seed is not None; owned by the request
+    output_token_ids: list[int]  # generated tokens known on the host (penalties read them)
+    generator: torch.Generator | None  # set iff params.seed is not None; owned by the worker
+    num_output_tokens: int | None = None  # generated so far, incl. in-flight; None: len(above)
 
 
 @dataclass
@@ -136,7 +137,8 @@ class SamplingMetadata:
         mt_rows: list[int] = []
         mt_toks: list[int] = []
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            done = len(r.output_token_ids) if r.num_output_tokens is None else r.num_output_tokens
+            if done < r.params.min_tokens:
                 stops = sorted(t for t in r.params.all_stop_token_ids if 0 <= t < v)
                 mt_rows.extend([i] * len(stops))
                 mt_toks.extend(stops)

@@ -54,8 +54,11 @@ def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec, runner: ModelR
 
 
 def _profile_cuda(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) -> int:
-    from pagedllm.core.request import Request
-    from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
+    from pagedllm.core.scheduler_output import (
+        NewSequenceData,
+        ScheduledSequence,
+        SchedulerOutput,
+    )
     from pagedllm.sampling_params import SamplingParams
 
     assert config.max_num_batched_tokens is not None and config.max_model_len is not None
@@ -68,13 +71,15 @@ def _profile_cuda(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) 
     bind_kv_caches(
         runner.attn_layers, runner.backend, spec, blocks_per_seq * n_seqs, config.torch_device
     )
-    sched = SchedulerOutput()
+    step = SchedulerOutput()
     params = SamplingParams(temperature=0.0)
     for i in range(n_seqs):
-        req = Request(f"profile-{i}", [0] * seq_len, params, max_tokens=1)
+        sid = f"profile-{i}"
         table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-        sched.scheduled.append(ScheduledRequest(req, seq_len, table))
-    runner.execute(sched)
+        step.new_sequences.append(NewSequenceData(sid, [0] * seq_len, params, None))
+        step.scheduled.append(ScheduledSequence(sid, 0, seq_len, table, True, [], [sid]))
+    runner.execute(step)
+    runner.execute(SchedulerOutput(finished_seq_ids=[s.seq_id for s in step.scheduled]))
     torch.cuda.synchronize()
     unbind_kv_caches(runner.attn_layers)
     torch.cuda.empty_cache()

@@ -1,9 +1,10 @@
 """Runs one scheduled step on the device: builds flat inputs, runs the model, samples.
 
-Owns the model, the KV cache tensors (one [2, num_blocks, block_size, Hkv, D] per layer) and
-the sampler. Inputs are built from the scheduler's requests; logits are computed only for the
-rows that are sampled or whose prompt logprobs were asked for. One host sync per step reads
-back the sampled ids (and logprobs when asked).
+Owns the model, the KV cache tensors (allocated by the attention backend from the
+``KVCacheSpec``), the sampler and the worker's copy of every live sequence
+(``sequence_states.py``), which each step's plain-data diffs (``core/scheduler_output.py``)
+keep current. Logits are computed only for the rows that are sampled or whose prompt logprobs
+were asked for. One host sync per step reads back the sampled ids (and logprobs when asked).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
-from pagedllm.core.scheduler import SchedulerOutput
+from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.device_utils import h2d
 from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
@@ -27,12 +28,9 @@ from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_cache_spec import bind_kv_caches, build_kv_cache_spec
 from pagedllm.worker.kv_pool_size import determine_num_blocks
 from pagedllm.worker.linear_tuning import tune_skinny_linears
-from pagedllm.worker.step_output import (
-    ModelRunnerOutput,
-    StepHandle,
-    TokenLogprobs,
-    logprob_rows,
-)
+from pagedllm.worker.sequence_states import SequenceStates
+from pagedllm.worker.step_inputs import prepare_step_inputs
+from pagedllm.worker.step_output import StepHandle, logprob_rows
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "StepHandle", "TokenLogprobs"]
 
@@ -59,6 +57,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids (device)
         self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
+        self.states = SequenceStates(self.device)  # every live sequence, from the steps
         if use_fused(next(self.model.parameters())):  # CUDA, fused kernels enabled
             tune_skinny_linears(self.model)
         self.num_blocks = determine_num_blocks(config, self.kv_spec, self)
@@ -101,89 +100,47 @@ class ModelRunner:
         return self.execute_async(sched).get()
 
     @torch.inference_mode()
-    def execute_async(self, sched: SchedulerOutput) -> StepHandle:
-        """Enqueue one step on the device; the returned handle's ``get()`` waits for it.
+    def execute_async(self, step: SchedulerOutput) -> StepHandle:
+        """Apply the step's diffs to the sequence states, then enqueue it on the device; the
+        returned handle's ``get()`` waits for the results.
 
-        With async scheduling a request's last input token may still be on the device (sampled
-        by the previous step, not yet read back): it is taken from that step's sampled ids.
+        prepare (host inputs from the states) -> run (the model, eager or a CUDA graph) ->
+        sample (and prompt logprobs). A step with nothing scheduled only updates the states.
         """
+        self.states.apply(step)
         handle = StepHandle(self.device)
-        if not sched.scheduled:
+        if not step.scheduled:
             return handle
-        bs = self.block_size
-        fix_flat: list[int] = []  # input rows whose token is the previous step's sample
-        fix_src: list[int] = []
-        ids_parts: list[list[int]] = []
-        pos_parts: list[np.ndarray] = []
-        slot_parts: list[np.ndarray] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
-        logit_rows: list[int] = []  # hidden rows whose logits are needed
-        sample_rows: list[SamplingRow] = []
-        sample_src: list[int] = []  # index into logit_rows for each sample row
-        sample_ids: list[str] = []
-        prompt_lp: list[tuple[str, int, int]] = []  # sequence id, first position, count
-        prompt_rows: list[int] = []  # index into logit_rows per prompt position
-        prompt_targets: list[int] = []
-        for s in sched.scheduled:
-            req = s.request
-            start, end = s.start, s.end
-            row0 = query_start[-1]
-            ids = req.all_token_ids[start:end]
-            if len(ids) < end - start:  # the last token is still on the device
-                ids = ids + [0]
-                fix_flat.append(row0 + end - start - 1)
-                fix_src.append(self._last_rows[req.request_id])
-            ids_parts.append(ids)
-            pos = np.arange(start, end, dtype=np.int64)
-            table = np.asarray(s.block_ids, dtype=np.int64)
-            pos_parts.append(pos)
-            slot_parts.append(table[pos // bs] * bs + pos % bs)
-            query_start.append(row0 + end - start)
-            seq_lens.append(end)
-            block_tables.append(s.block_ids)
-            k = req.params.prompt_logprobs
-            if k is not None and req.index == 0 and start < req.num_prompt_tokens - 1:
-                stop = min(end, req.num_prompt_tokens - 1)
-                prompt_lp.append((req.request_id, start, stop - start))
-                prompt_rows.extend(range(len(logit_rows), len(logit_rows) + stop - start))
-                logit_rows.extend(range(row0, row0 + stop - start))
-                prompt_targets.extend(req.prompt_token_ids[start + 1 : stop + 1])
-            if s.samples:
-                logit_rows.append(query_start[-1] - 1)
-                for seq in (req, *req.pending_forks):
-                    sample_rows.append(
-                        SamplingRow(
-                            seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator
-                        )
-                    )
-                    sample_src.append(len(logit_rows) - 1)
-                    sample_ids.append(seq.request_id)
-
+        inp = prepare_step_inputs(step, self.states, self.block_size, self._last_rows)
         fixups = None
-        if fix_flat:
+        if inp.fix_rows:
             assert self._last_sampled is not None
-            src = self._last_sampled[h2d(fix_src, torch.int64, self.device)]
-            fixups = (h2d(fix_flat, torch.int64, self.device), src)
+            src = self._last_sampled[h2d(inp.fix_src, torch.int64, self.device)]
+            fixups = (h2d(inp.fix_rows, torch.int64, self.device), src)
         hidden = self._run_model(
-            ids_parts, pos_parts, slot_parts, query_start, seq_lens, block_tables, fixups
+            inp.ids_parts,
+            inp.pos_parts,
+            inp.slot_parts,
+            inp.query_start,
+            inp.seq_lens,
+            inp.block_tables,
+            fixups,
         )
-        if not logit_rows:
+        rows = inp.logit_rows
+        if not rows:
             return handle.seal()
         dev = self.device
-        if len(logit_rows) == hidden.shape[0] and logit_rows[-1] == len(logit_rows) - 1:
+        if len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1:
             logits = self.model.compute_logits(hidden)  # decode: every row samples
         else:
-            logits = self.model.compute_logits(hidden[h2d(logit_rows, torch.int64, dev)])
-        if sample_rows:
-            self._sample(logits, sample_rows, sample_src, sample_ids, handle)
-        if prompt_lp:
+            logits = self.model.compute_logits(hidden[h2d(rows, torch.int64, dev)])
+        if inp.sample_rows:
+            self._sample(logits, inp.sample_rows, inp.sample_src, inp.sample_ids, handle)
+        if inp.prompt_spans:
             self._prompt_logprobs(
-                logits[h2d(prompt_rows, torch.int64, dev)],
-                prompt_lp,
-                prompt_targets,
-                sched,
+                logits[h2d(inp.prompt_rows, torch.int64, dev)],
+                inp.prompt_spans,
+                inp.prompt_targets,
                 handle,
             )
         return handle.seal()
@@ -255,35 +212,35 @@ class ModelRunner:
         ks = [r.params.logprobs if r.params.logprobs is not None else -1 for r in rows]
 
         def finish(out: ModelRunnerOutput) -> None:
-            out.sampled.update(zip(ids, tokens.tolist(), strict=True))
+            for seq_id, token in zip(ids, tokens.tolist(), strict=True):
+                out.sampled[seq_id] = [token]
             if lp is None:
                 return
             entries = logprob_rows(*lp, ks)
             for seq_id, k, entry in zip(ids, ks, entries, strict=True):
                 if k >= 0:
-                    out.logprobs[seq_id] = entry
+                    out.logprobs[seq_id] = [entry]
 
         handle.on_ready(finish)
 
     def _prompt_logprobs(
         self,
         logits: torch.Tensor,
-        spans: list[tuple[str, int, int]],
+        spans: list[tuple[str, int, int, int]],
         targets: list[int],
-        sched: SchedulerOutput,
         handle: StepHandle,
     ) -> None:
-        """``logits`` row j predicts ``targets[j]``, the prompt token after that position."""
-        k_of = {s.request.request_id: s.request.params.prompt_logprobs for s in sched.scheduled}
-        num_top = max(k or 0 for k in k_of.values())
+        """``logits`` row j predicts ``targets[j]``, the prompt token after that position;
+        ``spans`` are (sequence id, first position, count, k)."""
+        num_top = max(k for *_, k in spans)
         res = compute_logprobs(logits, h2d(targets, torch.int64, self.device), num_top)
         host = [handle.to_host(t) for t in res]
-        ks = [k_of[sid] or 0 for sid, _, n in spans for _ in range(n)]
+        ks = [k for _, _, n, k in spans for _ in range(n)]
 
         def finish(out: ModelRunnerOutput) -> None:
             entries = logprob_rows(*host, ks)
             pos = 0
-            for sid, start, n in spans:
+            for sid, start, n, _ in spans:
                 out.prompt_logprobs[sid] = (start, entries[pos : pos + n])
                 pos += n
 

@@ -8,26 +8,10 @@ only then wait for these results: the one host sync per step no longer stalls th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs at one position: the chosen token first, then the top-k alternatives."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    rank: int
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)  # sequence id -> new token
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # sequence id -> (first prompt position these cover, one entry per position)
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+from pagedllm.core.scheduler_output import ModelRunnerOutput, TokenLogprobs
 
 
 def logprob_rows(

@@ -98,3 +98,35 @@ def test_abort_while_a_step_is_in_flight(llama_dir, prompts) -> None:  # type: i
         else:
             assert done[rid] == ref[i]
     assert _idle(llm)
+
+
+def test_a_penalty_request_does_not_slow_the_others(llama_dir, prompts) -> None:  # type: ignore[no-untyped-def]
+    """Only the sequence that needs its last token on the host waits a step; the rest stay a
+    step ahead (before, one such request made every step synchronous)."""
+    llm = LLM(str(llama_dir), async_scheduling=True)
+    engine = llm.llm_engine
+    plain = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    penalised = SamplingParams(
+        temperature=0.0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3
+    )
+    ids = [engine.add_request(None, p, plain) for p in prompts[:4]]
+    slow = engine.add_request(None, prompts[4], penalised)
+    got: dict[str, list[int]] = {rid: [] for rid in [*ids, slow]}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        if steps < 30:  # the plain requests run: a step is always in flight (pipelined)
+            assert engine._inflight is not None, steps
+        if steps == 20:
+            counts = {rid: len(engine.scheduler.sequences[rid].output_token_ids) for rid in ids}
+            slow_count = len(engine.scheduler.sequences[slow].output_token_ids)
+            assert min(counts.values()) >= 18  # one token per step, one step behind
+            assert slow_count <= 11  # one token every other step
+    ref = hf_greedy(llama_dir, prompts[:4], 40)
+    assert [got[rid] for rid in ids] == ref
+    sync = LLM(str(llama_dir), async_scheduling=False)
+    expected = _gen(sync, prompts[4:5], penalised)[0].outputs[0].token_ids
+    assert got[slow] == expected
+    assert _idle(llm)

@@ -1,4 +1,9 @@
-"""One sequence being generated: its tokens, progress, status and prefix-block hashes."""
+"""One sequence being generated: its tokens, progress, status and prefix-block hashes.
+
+A user request with ``n`` completions is ``n`` sequences sharing a ``request_id``; each has its
+own ``seq_id``. The scheduler moves sequences; the worker receives them as plain data
+(``scheduler_output.py``), never as these objects.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,12 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from pagedllm.sampling_params import SamplingParams
 
 _ORDER = itertools.count()
 
 
-class RequestStatus(enum.IntEnum):
+class SequenceStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
@@ -24,7 +27,7 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
+        return self >= SequenceStatus.FINISHED_STOPPED
 
     @property
     def finish_reason(self) -> str | None:
@@ -32,40 +35,47 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass(eq=False)
-class Request:
+class Sequence:
     """A sequence the scheduler moves forward: ``num_computed_tokens`` chases ``num_tokens``.
 
-    ``request_id`` is unique per sequence; ``group_id`` is the user's request id (n > 1
-    completions of one prompt are one group; ``index`` tells them apart). A request with
-    ``pending_forks`` shares its prompt blocks with those sibling sequences once its prompt
-    has been computed: they start from its KV blocks instead of prefilling again.
+    ``seq_id`` is unique per sequence; ``request_id`` is the user's request id (the n > 1
+    completions of one prompt share it; ``index`` tells them apart). A sequence with
+    ``pending_forks`` shares its prompt blocks with those siblings once its prompt has been
+    computed: they start from its KV blocks instead of prefilling again. ``seed`` is this
+    sequence's own sampling seed; the worker owns the generator built from it.
+
+    ``num_tokens_sent`` counts the tokens the worker has been told about, so each step sends
+    only the new ones; ``on_worker`` says whether the worker holds its state.
     """
 
-    request_id: str
+    seq_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int
-    group_id: str = ""
+    request_id: str = ""
     index: int = 0
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
+    seed: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_pending: int = 0  # sampled tokens still on the device (async scheduling), value unknown
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (first schedule)
-    status: RequestStatus = RequestStatus.WAITING
+    status: SequenceStatus = SequenceStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)
-    pending_forks: list[Request] = field(default_factory=list)
+    pending_forks: list[Sequence] = field(default_factory=list)
+    num_tokens_sent: int = 0  # tokens the worker knows (prompt + outputs)
+    on_worker: bool = False
+    blocks_sent: int = -1  # block-table entries the worker knows; -1: send the whole table
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     order: int = field(default_factory=lambda: next(_ORDER))
 
     def __post_init__(self) -> None:
-        if not self.group_id:
-            self.group_id = self.request_id
+        if not self.request_id:
+            self.request_id = self.seq_id
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
 
     @property
