@@ -42,6 +42,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # token id -> bias added to its logit before sampling (OpenAI ``logit_bias``).
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
@@ -101,6 +103,13 @@ class SamplingParams:
             raise bad("stop strings must be non-empty strings.")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids must be non-negative integers.")
+        for tok, bias in (self.logit_bias or {}).items():
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise bad(f"logit_bias keys must be non-negative token ids, got {tok!r}.")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise bad(f"logit_bias[{tok}] must be a number, got {bias!r}.")
+            if not -100.0 <= bias <= 100.0:
+                raise bad(f"logit_bias[{tok}] must be in [-100, 100], got {bias}.")
 
     @property
     def greedy(self) -> bool:

@@ -18,6 +18,7 @@ TTFT per prompt length (``--ttft-lens``) is measured at batch 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -248,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
             bar.set_description(f"TTFT {n}")
             samples = _repeat(lambda n=n: timer(1, n, 1), args.num_iters_warmup, args.num_iters)
             ttft_by_len.append({"input_len": n, "ttft_s": _stats(samples)})
-    engine_info["engine_stats"] = llm.llm_engine.stats()
+    engine_info["engine_stats"] = dataclasses.asdict(llm.llm_engine.stats())
     model = args.model_config or engine_info["model"]
     rep: dict[str, Any] = {
         "kind": "latency",

@@ -163,7 +163,7 @@ def run_pagedllm(llm: Any, requests: list[BenchRequest], args: argparse.Namespac
         num_requests=len(outs),
         prompt_tokens=sum(r.prompt_len for r in requests),
         output_tokens=produced,
-        extra={"engine_stats": engine.stats()},
+        extra={"engine_stats": asdict(engine.stats())},
     )
 
 

@@ -48,6 +48,7 @@ from pagedllm.engine.messages import (
     RequestError,
 )
 from pagedllm.engine.request_stream import RequestStream
+from pagedllm.engine.stats import EngineStats
 from pagedllm.engine.tokenizer import GenerationDefaults, load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -83,7 +84,7 @@ class AsyncLLM:
         handle: EngineProcess,
         tokenizer: PreTrainedTokenizerBase,
         generation_defaults: GenerationDefaults,
-        stats: dict[str, float],
+        stats: EngineStats,
         max_waiting_requests: int | None = None,
         *,
         health_timeout_s: float | None = DEFAULT_HEALTH_TIMEOUT_S,
@@ -206,10 +207,11 @@ class AsyncLLM:
         if stream is not None and self._monitor.dead is None:
             self._send(AbortRequests([stream.engine_id]))
 
-    async def get_stats(self) -> dict[str, float]:
-        """The engine's stats as of its last step (no round trip)."""
+    async def get_stats(self) -> EngineStats:
+        """The engine's stats as of its last step, or its last report while idle (no round
+        trip). Frozen: later reports replace the object, never change it."""
         self._monitor.start()
-        return dict(self._stats)
+        return self._stats
 
     # ---- health (see engine_monitor) -------------------------------------------------------
     async def start_monitoring(self) -> None:
@@ -287,8 +289,8 @@ class AsyncLLM:
 
     def _num_waiting(self) -> int:
         """Waiting in the engine as of its last step, plus requests it has not seen yet."""
-        unseen = self._num_sent - int(self._stats.get("requests_received_total", 0))
-        return int(self._stats.get("num_waiting", 0)) + max(unseen, 0)
+        unseen = self._num_sent - self._stats.requests_received_total
+        return self._stats.num_waiting + max(unseen, 0)
 
     def _send(self, msg: Any) -> None:
         try:

@@ -9,7 +9,7 @@ binds a PULL socket for requests, connects a PUSH socket for results, builds the
 
 1. drain every pending input message without blocking (add requests, aborts, shutdown);
 2. if the engine has work, run one ``step()`` and send ONE ``EngineOutputs`` with all of that
-   step's outputs and the current stats;
+   step's outputs and the current stats (``stats.EngineStats``);
 3. when idle, send a ``Heartbeat`` every ``HEARTBEAT_INTERVAL_S`` (at once, with the stats, if
    they changed) and block in ``poll`` until the next one is due (no spinning). Silence from
    the engine therefore always means it is stopped or stuck, never that it has nothing to do.
@@ -53,6 +53,7 @@ from pagedllm.engine.messages import (
     RequestError,
     Shutdown,
 )
+from pagedllm.engine.stats import EngineStats
 
 if TYPE_CHECKING:
     from pagedllm.core.sequence import Sequence
@@ -80,17 +81,15 @@ class EngineCore:
         self._prompt_counted: set[str] = set()
         self._finished_generation_tokens = 0
         self._last_sent = time.monotonic()
-        self._last_stats: dict[str, float] | None = None  # as last sent
-        self.counters: dict[str, int] = {
-            "prompt_tokens_total": 0,
-            "requests_received_total": 0,
-            "num_steps_total": 0,
-            **{f"requests_finished_{r}": 0 for r in FINISH_REASONS},
-        }
+        self._last_stats: EngineStats | None = None  # as last sent
+        self.requests_received = 0
+        self.prompt_tokens = 0
+        self.num_steps = 0
+        self.finished_by_reason: dict[str, int] = dict.fromkeys(FINISH_REASONS, 0)  # completions
 
     # ---- input -----------------------------------------------------------------------------
     def add(self, msg: AddRequest) -> RequestError | None:
-        self.counters["requests_received_total"] += 1
+        self.requests_received += 1
         try:
             self.engine.add_request(
                 msg.request_id,
@@ -111,7 +110,7 @@ class EngineCore:
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> EngineOutputs:
         outputs = self.engine.step()
-        self.counters["num_steps_total"] += 1
+        self.num_steps += 1
         for out in outputs:
             out.prompt = None  # the API process restores both
             out.prompt_token_ids = []
@@ -123,7 +122,7 @@ class EngineCore:
         """Prompt tokens count once the prompt has been computed (the first token exists)."""
         if request_id not in self._prompt_counted and seqs and seqs[0].num_output_tokens > 0:
             self._prompt_counted.add(request_id)
-            self.counters["prompt_tokens_total"] += seqs[0].num_prompt_tokens
+            self.prompt_tokens += seqs[0].num_prompt_tokens
 
     def _finish(self, request_id: str) -> None:
         seqs = self._live.pop(request_id, [])
@@ -133,26 +132,31 @@ class EngineCore:
             self._finished_generation_tokens += seq.num_output_tokens
             reason = seq.status.finish_reason
             if reason is not None:
-                key = f"requests_finished_{reason}"
-                self.counters[key] = self.counters.get(key, 0) + 1
+                self.finished_by_reason[reason] += 1
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> EngineStats:
+        """The engine's ``SchedulerStats`` plus this loop's counters, now."""
         generated = self._finished_generation_tokens
         for rid, seqs in self._live.items():
             self._count_prompt(rid, seqs)
             generated += sum(s.num_output_tokens for s in seqs)
-        stats: dict[str, float] = dict(self.engine.stats())
-        stats.update({k: float(v) for k, v in self.counters.items()})
-        stats["generation_tokens_total"] = float(generated)
-        stats["num_unfinished_requests"] = float(self.engine.get_num_unfinished_requests())
-        return stats
+        return EngineStats(
+            **vars(self.engine.stats()),
+            requests_received_total=self.requests_received,
+            prompt_tokens_total=self.prompt_tokens,
+            generation_tokens_total=generated,
+            num_steps_total=self.num_steps,
+            requests_finished_stop=self.finished_by_reason["stop"],
+            requests_finished_length=self.finished_by_reason["length"],
+            requests_finished_abort=self.finished_by_reason["abort"],
+        )
 
     # ---- output ----------------------------------------------------------------------------
     def send(self, msg: Any) -> None:
         self.out.send(msg)
         self._last_sent = time.monotonic()
         stats = getattr(msg, "stats", None)
-        if stats is not None:
+        if isinstance(stats, EngineStats):
             self._last_stats = stats
 
     def idle_report(self) -> None:

@@ -35,6 +35,8 @@ def validate_request(config: EngineConfig, prompt_ids: list[int], params: Sampli
         k = getattr(params, name)
         if k is not None and k > vocab:
             raise ValueError(f"{name}={k} exceeds the vocabulary size ({vocab}).")
+    if any(not 0 <= t < vocab for t in params.logit_bias or {}):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab}) (the model's vocab size).")
     room = max_len - len(prompt_ids)
     if params.min_tokens > room:
         raise ValueError(

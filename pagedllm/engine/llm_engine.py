@@ -18,6 +18,7 @@ from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceStatus
 from pagedllm.engine.input_processing import tokenize_prompt, validate_priority, validate_request
 from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -170,14 +171,17 @@ class LLMEngine:
             op.finish(done)
 
     # ---- stats -------------------------------------------------------------------------
-    def stats(self) -> dict[str, float]:
-        kv = self.scheduler.kv
-        return {
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage": kv.usage,
-            "prefix_cache_queries": kv.prefix_queries,
-            "prefix_cache_hits": kv.prefix_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_kv_blocks": kv.pool.num_blocks,
-        }
+    def stats(self) -> SchedulerStats:
+        """The scheduler's queues, the KV cache and their counters, now (``EngineCore`` adds
+        the request, token and step counters: ``EngineStats``)."""
+        sched, kv = self.scheduler, self.scheduler.kv
+        return SchedulerStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            kv_cache_usage=kv.usage,
+            num_kv_blocks=kv.pool.num_blocks,
+            num_unfinished_requests=self.get_num_unfinished_requests(),
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+        )

@@ -5,13 +5,15 @@ process sends ``AddRequest`` / ``AbortRequests`` / ``Shutdown``; the engine proc
 ``EngineReady`` once the model is loaded, one ``EngineOutputs`` per step (every request's output
 of that step plus the engine stats), ``Heartbeat`` while it is idle (so that silence means
 "stuck", never "nothing to do"), ``RequestError`` when one request is rejected, and
-``EngineError`` just before it exits on a fatal error.
+``EngineError`` just before it exits on a fatal error. The stats travel typed, as a frozen
+``stats.EngineStats`` (pickled positionally, ~90 bytes), never as a dict of names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from pagedllm.engine.stats import EngineStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -39,8 +41,10 @@ class Shutdown:
 # ---- engine process -> API process ----------------------------------------------------------
 @dataclass
 class EngineReady:
+    """The engine process has loaded the model and serves from now on."""
+
     pid: int
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: EngineStats
 
 
 @dataclass
@@ -49,7 +53,7 @@ class EngineOutputs:
     stripped (the API process knows them) to keep the message small."""
 
     outputs: list[RequestOutput]
-    stats: dict[str, float]
+    stats: EngineStats
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Heartbeat:
     ``EngineOutputs`` every step instead). ``stats`` only when they changed since the engine's
     last message (e.g. a request was rejected or aborted while idle), else None: tiny."""
 
-    stats: dict[str, float] | None = None
+    stats: EngineStats | None = None
 
 
 @dataclass

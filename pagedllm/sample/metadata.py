@@ -9,15 +9,24 @@ sampler scatters into ``V + 1`` columns and drops the last one, so padding costs
 
 Rows that are greedy never use temperature / top-k / top-p / min-p / generators, so those
 settings are neutralised for them (and ignored when computing the flags).
+
+Inputs of the logits processors (``processors.py``) that most rows leave unset are sparse or
+optional so an unused one costs nothing: min_tokens and ``logit_bias`` become (row, token)
+coordinate lists, and the allowed-token mask (the grammar hook, given to ``build`` by the
+caller for the whole batch) is a packed bitmask (``token_mask.py``) or ``None``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from pagedllm.device_utils import h2d
+from pagedllm.sample.token_mask import prepare_allowed_mask
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -30,6 +39,8 @@ class SamplingRow:
     output_token_ids: list[int]  # generated tokens known on the host (penalties read them)
     generator: torch.Generator | None  # set iff params.seed is not None; owned by the worker
     num_output_tokens: int | None = None  # generated so far, incl. in-flight; None: len(above)
+    # token id -> additive bias on its logit (OpenAI ``logit_bias``); None / {} = none.
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -66,6 +77,13 @@ class SamplingMetadata:
     min_tokens_tokens: torch.Tensor | None  # [M] int64
     # Logprobs: max `logprobs` requested by any row (None = no row asked).
     max_num_logprobs: int | None
+    # Allowed-token mask: [B, ceil(V / 32)] int32, bit t % 32 of word t // 32 set = token t
+    # allowed (token_mask.py); None if no row is constrained.
+    allowed_token_mask: torch.Tensor | None = None
+    # logit_bias: logits[rows[i], tokens[i]] += values[i]; None if no row has a bias.
+    logit_bias_rows: torch.Tensor | None = None  # [N] int64
+    logit_bias_tokens: torch.Tensor | None = None  # [N] int64
+    logit_bias_values: torch.Tensor | None = None  # [N] float32
 
     @property
     def batch_size(self) -> int:
@@ -89,9 +107,21 @@ class SamplingMetadata:
 
     @classmethod
     def build(
-        cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str
+        cls,
+        rows: list[SamplingRow],
+        vocab_size: int,
+        device: torch.device | str,
+        allowed_token_mask: torch.Tensor | None = None,
     ) -> SamplingMetadata:
-        """Pack ``rows`` into tensors on ``device`` (one host->device copy per tensor)."""
+        """Pack ``rows`` into tensors on ``device`` (one host->device copy per tensor).
+
+        ``allowed_token_mask`` (optional) constrains the batch's rows: ``[B, V]`` bool or
+        packed ``[B, ceil(V / 32)]`` int32, see ``token_mask.prepare_allowed_mask``.
+
+        Raises:
+            ValueError: a row's mask allows no token, or a ``logit_bias`` names a token
+                outside ``[0, vocab_size)`` or a non-finite bias.
+        """
         device = torch.device(device)
         v = vocab_size
         greedy = [r.params.greedy for r in rows]
@@ -144,6 +174,12 @@ class SamplingMetadata:
                 mt_toks.extend(stops)
         has_mt = bool(mt_rows)
 
+        lb_rows, lb_toks, lb_vals = _logit_bias_coords(rows, v)
+        has_lb = bool(lb_rows)
+        mask = None
+        if allowed_token_mask is not None:
+            mask = prepare_allowed_mask(allowed_token_mask, len(rows), v, device)
+
         requested = [r.params.logprobs for r in rows if r.params.logprobs is not None]
 
         return cls(
@@ -168,7 +204,54 @@ class SamplingMetadata:
             min_tokens_rows=(h2d(mt_rows, torch.int64, device) if has_mt else None),
             min_tokens_tokens=(h2d(mt_toks, torch.int64, device) if has_mt else None),
             max_num_logprobs=max(requested) if requested else None,
+            allowed_token_mask=mask,
+            logit_bias_rows=h2d(lb_rows, torch.int64, device) if has_lb else None,
+            logit_bias_tokens=h2d(lb_toks, torch.int64, device) if has_lb else None,
+            logit_bias_values=f32(lb_vals) if has_lb else None,
         )
+
+
+def _logit_bias_coords(
+    rows: list[SamplingRow], vocab_size: int
+) -> tuple[list[int], list[int], list[float]]:
+    """(row, token, bias) lists of every non-zero ``logit_bias`` entry, validated."""
+    out_rows: list[int] = []
+    out_toks: list[int] = []
+    out_vals: list[float] = []
+    for i, r in enumerate(rows):
+        for key, bias in (r.logit_bias or {}).items():
+            tok = _token_id(key)
+            if tok is None or not 0 <= tok < vocab_size:
+                raise ValueError(
+                    f"sampling row {i}: logit_bias token id {key!r} is not in [0, {vocab_size})"
+                )
+            value = _finite(bias)
+            if value is None:
+                raise ValueError(
+                    f"sampling row {i}: logit_bias[{tok}] = {bias!r} is not a finite number"
+                )
+            if value != 0.0:
+                out_rows.append(i)
+                out_toks.append(tok)
+                out_vals.append(value)
+    return out_rows, out_toks, out_vals
+
+
+def _token_id(key: object) -> int | None:
+    """``key`` as a token id (any integer type but bool), else None."""
+    if isinstance(key, bool):
+        return None
+    try:
+        return operator.index(key)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float (bool excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:

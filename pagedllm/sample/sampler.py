@@ -2,18 +2,22 @@
 
 Pipeline for one step, on a float32 copy of the model's ``[B, V]`` logits:
 
-1. min_tokens: stop ids of rows below ``min_tokens`` -> ``-inf``;
-2. repetition / frequency / presence penalties;
-3. greedy rows take ``argmax`` of the penalised logits (done here, before temperature);
-4. temperature -> min-p -> top-k -> top-p (greedy rows are neutral for all of these);
-5. random rows sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``:
+1. the active logits processors, in order (``processors.py``): allowed-token mask ->
+   min_tokens -> repetition / frequency / presence penalties -> logit_bias;
+2. greedy rows take ``argmax`` of the processed logits (done here, before temperature);
+3. temperature -> min-p -> top-k -> top-p (greedy rows are neutral for all of these);
+4. random rows sample with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``:
    unseeded rows draw ``q`` in one batched call, each seeded row draws its own ``q`` from
    its request's ``torch.Generator``, so its tokens do not depend on the rest of the batch.
 
-On CUDA, a batch whose random rows use temperature only (no top-k/top-p/min-p, penalties,
-min_tokens or seeds), greedy-only batches included, takes one Triton pass instead
-(``kernels/sampling.py``: the Gumbel-max form of the same race, noise from a per-step seed
-drawn from torch's default generator).
+Fast path. On CUDA a batch takes one Triton pass instead (``kernels/sampling.py``: the
+Gumbel-max form of the same race, noise from a per-step seed drawn from torch's default
+generator) iff no processor is active and no random row uses top-k, top-p, min-p or a seed;
+``fast_path_rows`` gives the same rule per row. The decision is for the whole batch, never
+split by row: the kernel cannot draw from a row's ``torch.Generator`` (so seeded rows must
+stay on the torch path to keep their streams), and routing only some unseeded rows through
+it would change which default-generator numbers every other row draws, so tokens under a
+fixed ``torch.manual_seed`` would no longer match the unsplit sampler.
 
 Logprobs (``compute_logprobs``) always come from the *raw* logits: ``log_softmax`` in fp32
 of the model output before any of the steps above, as vLLM v1 does by default.
@@ -21,13 +25,14 @@ of the model output before any of the steps above, as vLLM v1 does by default.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from pagedllm.layers.fused import use_fused
 from pagedllm.sample.metadata import SamplingMetadata
-from pagedllm.sample.penalties import apply_min_tokens, apply_penalties
+from pagedllm.sample.processors import LogitsProcessor, active_processors, default_processors
 from pagedllm.sample.topk_topp import apply_min_p, apply_top_k_only, apply_top_k_top_p
 
 
@@ -99,11 +104,13 @@ def truncate_and_scale(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Te
     return logits
 
 
-def _gumbel_ok(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
-    """The one-pass GPU kernel covers greedy and temperature-only random rows."""
+def _gumbel_ok(
+    logits: torch.Tensor, meta: SamplingMetadata, active: Sequence[LogitsProcessor]
+) -> bool:
+    """Whole-batch fast-path rule (host flags only): no active processor and every random
+    row temperature-only and unseeded; ``fast_path_rows(...).all()`` on the device agrees."""
     return (
-        meta.no_min_tokens
-        and meta.no_penalties
+        not active
         and meta.no_top_k
         and meta.no_top_p
         and meta.no_min_p
@@ -112,21 +119,42 @@ def _gumbel_ok(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
     )
 
 
+def fast_path_rows(meta: SamplingMetadata, processors: Sequence[LogitsProcessor]) -> torch.Tensor:
+    """``[B]`` bool: rows the one-pass kernel could sample exactly as they ask (no processor
+    touches them, no top-k / top-p / min-p, no seed). Greedy rows qualify unless a processor
+    touches them. Diagnostic: the sampler itself only takes the fast path for a whole batch."""
+    v = meta.vocab_size
+    ok = torch.ones_like(meta.greedy_mask)
+    for p in active_processors(processors, meta):
+        ok &= ~p.active_rows(meta)
+    if meta.top_k is not None:
+        ok &= meta.top_k >= v
+    if meta.top_p is not None:
+        ok &= meta.top_p >= 1.0
+    if meta.min_p is not None:
+        ok &= meta.min_p <= 0.0
+    if meta.generators:
+        ok[list(meta.generators)] = False
+    return ok
+
+
 def _sample_fused(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Steps 3 and 5 in one Triton pass (greedy rows: argmax; others: Gumbel-max)."""
+    """Steps 2 and 4 in one Triton pass (greedy rows: argmax; others: Gumbel-max)."""
     from pagedllm.kernels.sampling import gumbel_sample
 
     seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, (1,)).item())
     return gumbel_sample(logits.float(), meta.temperature, meta.greedy_mask, seed)
 
 
-def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Steps 1-5 of the module docstring in torch ops; ``logits`` itself is left untouched."""
-    modifies = not (meta.no_min_tokens and meta.no_penalties and meta.all_greedy)
+def _sample(
+    logits: torch.Tensor, meta: SamplingMetadata, active: Sequence[LogitsProcessor]
+) -> torch.Tensor:
+    """Steps 1-4 of the module docstring in torch ops; ``logits`` itself is left untouched."""
+    modifies = bool(active) or not meta.all_greedy
     # Own fp32 copy when we will edit the logits; the raw ones are kept for logprobs.
     x = logits.to(torch.float32, copy=True) if modifies else logits.float()
-    x = apply_min_tokens(x, meta)
-    x = apply_penalties(x, meta)
+    for processor in active:
+        x = processor.apply(x, meta)
 
     greedy_tokens = None if meta.all_random else x.argmax(dim=-1)
     if meta.all_greedy:
@@ -142,7 +170,17 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
 
 
 class Sampler(torch.nn.Module):
-    """Turns one step's ``[B, V]`` logits into sampled tokens (+ optional logprobs)."""
+    """Turns one step's ``[B, V]`` logits into sampled tokens (+ optional logprobs).
+
+    ``processors`` is the ordered logits-processor list (default: ``default_processors()``);
+    each step runs only the ones whose ``is_active`` says this batch needs them.
+    """
+
+    def __init__(self, processors: Sequence[LogitsProcessor] | None = None) -> None:
+        super().__init__()
+        self.processors: tuple[LogitsProcessor, ...] = tuple(
+            default_processors() if processors is None else processors
+        )
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if logits.shape[-1] != meta.vocab_size:
@@ -150,7 +188,16 @@ class Sampler(torch.nn.Module):
                 f"logits have {logits.shape[-1]} columns but metadata was built for "
                 f"vocab_size={meta.vocab_size}"
             )
-        sampled = _sample_fused(logits, meta) if _gumbel_ok(logits, meta) else _sample(logits, meta)
+        if logits.shape[0] != meta.batch_size:
+            raise ValueError(
+                f"logits have {logits.shape[0]} rows but metadata was built for "
+                f"{meta.batch_size} sampling rows"
+            )
+        active = active_processors(self.processors, meta)
+        if _gumbel_ok(logits, meta, active):
+            sampled = _sample_fused(logits, meta)
+        else:
+            sampled = _sample(logits, meta, active)
         if meta.max_num_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         ids, lps, ranks = compute_logprobs(logits, sampled, meta.max_num_logprobs)

@@ -91,6 +91,7 @@ def prepare_step_inputs(
                         target.output_token_ids,
                         target.generator,
                         num_output_tokens=end - num_prompt,
+                        logit_bias=target.params.logit_bias,
                     )
                 )
                 inp.sample_src.append(len(inp.logit_rows) - 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
@@ -35,6 +36,7 @@ from pagedllm.engine.async_llm import (
 )
 from pagedllm.engine.framing import encode
 from pagedllm.engine.messages import AbortRequests, Heartbeat
+from pagedllm.engine.stats import EngineStats
 from pagedllm.outputs import RequestOutput
 from tests.fixtures.tiny_models import random_prompts
 
@@ -97,12 +99,12 @@ async def collect(gen: AsyncIterator[RequestOutput]) -> list[RequestOutput]:
     return [out async for out in gen]
 
 
-async def wait_idle(llm: AsyncLLM, timeout: float = 5.0) -> dict[str, float]:
+async def wait_idle(llm: AsyncLLM, timeout: float = 5.0) -> EngineStats:
     """Stats once nothing runs and no KV block is held."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         stats = await llm.get_stats()
-        if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
+        if stats.num_running == 0 and stats.kv_cache_usage == 0:
             return stats
         assert asyncio.get_running_loop().time() < deadline, stats
         await asyncio.sleep(0.02)
@@ -162,12 +164,12 @@ async def test_cancelled_consumer_aborts(llm: AsyncLLM) -> None:
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(started.wait(), 5)
-    assert (await llm.get_stats())["num_running"] == 1
+    assert (await llm.get_stats()).num_running == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     after = await wait_idle(llm)
-    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 1
+    assert after.requests_finished_abort == before.requests_finished_abort + 1
 
     # Closing the generator early (e.g. `break`) aborts too.
     gen = llm.generate([5, 6, 8], LONG, "close-me")
@@ -175,8 +177,12 @@ async def test_cancelled_consumer_aborts(llm: AsyncLLM) -> None:
         if len(out.outputs[0].token_ids) >= 3:
             break
     await gen.aclose()
-    after = await wait_idle(llm)
-    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 2
+    for _ in range(250):  # the abort is counted when its output leaves the engine
+        after = await wait_idle(llm)
+        if after.requests_finished_abort >= before.requests_finished_abort + 2:
+            break
+        await asyncio.sleep(0.02)
+    assert after.requests_finished_abort == before.requests_finished_abort + 2
 
 
 async def test_abort_ends_stream(llm: AsyncLLM) -> None:
@@ -238,12 +244,15 @@ async def test_stats_counters(llm: AsyncLLM) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, n=2)
     await collect(llm.generate([9, 10, 11, 12], params, "stats"))
     after = await wait_idle(llm)
-    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == 4
-    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 10
-    assert after["requests_finished_length"] - before["requests_finished_length"] == 2
-    assert after["num_unfinished_requests"] == 0 and after["num_kv_blocks"] == 48
-    for key in ("num_waiting", "num_preemptions", "prefix_cache_hits", "requests_finished_stop"):
-        assert key in after
+    assert after.prompt_tokens_total - before.prompt_tokens_total == 4
+    assert after.generation_tokens_total - before.generation_tokens_total == 10
+    assert after.requests_finished_length - before.requests_finished_length == 2
+    assert after.requests_finished_stop == before.requests_finished_stop
+    assert after.requests_received_total - before.requests_received_total == 1
+    assert after.num_steps_total > before.num_steps_total
+    assert after.prefix_cache_queries - before.prefix_cache_queries >= 4
+    assert after.num_unfinished_requests == 0 and after.num_kv_blocks == 48
+    assert after.num_waiting == 0 and after.num_preemptions == 0
 
 
 async def test_queue_full(llm: AsyncLLM) -> None:
@@ -397,17 +406,25 @@ async def test_request_timeout(llm: AsyncLLM) -> None:
     with pytest.raises(RequestTimeoutError, match="0.3 s"):
         await collect(llm.generate([5, 6, 10], LONG, "too-slow", request_timeout_s=0.3))
     assert 0.3 <= loop.time() - t0 < 1.0
-    after = await wait_idle(llm)  # it was aborted in the engine: its KV blocks are free
-    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 1
-    assert after["num_unfinished_requests"] == 0
+    for _ in range(250):  # it was aborted in the engine: its KV blocks are free
+        after = await wait_idle(llm)
+        if after.requests_finished_abort >= before.requests_finished_abort + 1:
+            break
+        await asyncio.sleep(0.02)
+    assert after.requests_finished_abort == before.requests_finished_abort + 1
+    assert after.num_unfinished_requests == 0
     # A slow consumer's time counts too (the outputs it has not read are waiting for it).
     gen = llm.generate([5, 6, 11], LONG, "slow-reader", request_timeout_s=0.3)
     await gen.__anext__()
     await asyncio.sleep(0.35)
     with pytest.raises(RequestTimeoutError):
         await gen.__anext__()
-    after = await wait_idle(llm)
-    assert after["requests_finished_abort"] == before["requests_finished_abort"] + 2
+    for _ in range(250):  # the abort is counted when its output leaves the engine
+        after = await wait_idle(llm)
+        if after.requests_finished_abort >= before.requests_finished_abort + 2:
+            break
+        await asyncio.sleep(0.02)
+    assert after.requests_finished_abort == before.requests_finished_abort + 2
     # Within its timeout a request is unaffected; the timeout must be positive.
     quick = await collect(
         llm.generate([5], SamplingParams(max_tokens=3), "quick", request_timeout_s=5)
@@ -454,13 +471,14 @@ async def test_forged_frames_are_not_unpickled(llm: AsyncLLM, tmp_path: Path) ->
             sock.send(frame)
         outs = await asyncio.wait_for(collect(gen), 5)
     assert outs[-1].outputs[0].finish_reason == "abort"
-    # To the API process: the same, then a signed heartbeat with a probe stat.
+    # To the API process: the same, then a signed heartbeat with a probe value in its stats.
     stats = await wait_idle(llm)
+    probe = dataclasses.replace(stats, num_steps_total=-1)
     with _pusher(llm._handle.output_addr) as sock:
-        for frame in [*forged, encode(Heartbeat({**stats, "probe": 1.0}), key)]:
+        for frame in [*forged, encode(Heartbeat(probe), key)]:
             sock.send(frame)
         deadline = asyncio.get_running_loop().time() + 5
-        while "probe" not in await llm.get_stats():
+        while (await llm.get_stats()).num_steps_total != -1:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
         sock.send(encode(Heartbeat(stats), key))  # put the real stats back

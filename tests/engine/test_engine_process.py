@@ -25,6 +25,7 @@ from pagedllm.engine.core_proc import EngineCore
 from pagedllm.engine.engine_process import EngineProcess, remove_stale_dirs
 from pagedllm.engine.framing import BadMessageError, Channel, decode, encode, new_key
 from pagedllm.engine.messages import AbortRequests, AddRequest, EngineOutputs, Heartbeat, Shutdown
+from pagedllm.engine.stats import SchedulerStats
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -57,7 +58,7 @@ def test_frames_are_signed(tmp_path: Path) -> None:
 
 class _FakeEngine:
     """``LLMEngine``'s surface used by EngineCore: each request takes 5 steps, an abort
-    changes the stats."""
+    changes the stats (it counts as a preemption here: any field would do)."""
 
     def __init__(self) -> None:
         self.steps_left = 0
@@ -81,8 +82,18 @@ class _FakeEngine:
         time.sleep(0.01)
         return []
 
-    def stats(self) -> dict[str, float]:
-        return {"num_running": float(self.steps_left > 0), "aborts": float(self.aborts)}
+    def stats(self) -> SchedulerStats:
+        busy = int(self.steps_left > 0)
+        return SchedulerStats(
+            num_running=busy,
+            num_waiting=0,
+            kv_cache_usage=0.0,
+            num_kv_blocks=8,
+            num_unfinished_requests=busy,
+            num_preemptions=self.aborts,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+        )
 
 
 def _recv_all(sock: zmq.Socket, key: bytes, seconds: float) -> list[tuple[float, Any]]:
@@ -130,7 +141,9 @@ def test_idle_engine_sends_heartbeats() -> None:
         t1 = time.monotonic()
         send.send(AbortRequests(["gone"]))
         (t2, msg), *_ = _recv_all(from_engine, key, 0.2)
-        assert isinstance(msg, Heartbeat) and msg.stats is not None and msg.stats["aborts"] == 1
+        assert (
+            isinstance(msg, Heartbeat) and msg.stats is not None and msg.stats.num_preemptions == 1
+        )
         assert t2 - t1 < 0.1
     finally:
         send.send(Shutdown())

@@ -89,8 +89,7 @@ def test_prefix_cache_hits_and_same_tokens(llama_dir, tiny_tokenizer) -> None:  
     assert all(o.num_cached_tokens == 40 for o in rest)  # 5 full blocks of the shared prefix
     ref = hf_greedy(llama_dir, prompts, MAX_NEW)
     assert [first.outputs[0].token_ids] + [o.outputs[0].token_ids for o in rest] == ref
-    stats = llm.llm_engine.stats()
-    assert stats["prefix_cache_hits"] == 120
+    assert llm.llm_engine.stats().prefix_cache_hits == 120
     # The same prompt again: everything but the last token's block comes from the cache.
     again = llm.generate({"prompt_token_ids": prompts[0]}, _greedy(), use_tqdm=False)[0]
     assert again.num_cached_tokens == (len(prompts[0]) - 1) // 8 * 8

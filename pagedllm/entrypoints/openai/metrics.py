@@ -2,18 +2,22 @@
 
 Gauges and engine counters (running / waiting requests, KV-cache usage, prefix-cache queries
 and hits, prompt / generation tokens, preemptions) come from ``engine.get_stats()``, refreshed
-on every scrape. Latency histograms and the per-finish-reason success counter are observed by
-the serving layer as requests finish. Each app owns its registry, so several servers can live
-in one process (tests).
+on every scrape; each metric reads its ``EngineStats`` field by attribute, so a renamed field
+fails loudly instead of reading 0. Latency histograms and the per-finish-reason success
+counter are observed by the serving layer as requests finish. Each app owns its registry, so
+several servers can live in one process (tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from pagedllm.engine.stats import EngineStats
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -24,39 +28,83 @@ _ITL_BUCKETS = (
     0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 
-# (metric name, engine stats key, help)
-_GAUGES = (
-    ("pagedllm:num_requests_running", "num_running", "Requests in the running batch."),
-    ("pagedllm:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
-    ("pagedllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage; 1 = 100 percent."),
+_Read = Callable[[EngineStats], float]
+
+# (metric name, help, its value in the engine's stats)
+_GAUGES: tuple[tuple[str, str, _Read], ...] = (
+    (
+        "pagedllm:num_requests_running",
+        "Requests in the running batch.",
+        lambda s: s.num_running,
+    ),
+    (
+        "pagedllm:num_requests_waiting",
+        "Requests waiting to be scheduled.",
+        lambda s: s.num_waiting,
+    ),
+    (
+        "pagedllm:kv_cache_usage_perc",
+        "KV-cache usage; 1 = 100 percent.",
+        lambda s: s.kv_cache_usage,
+    ),
 )
-_COUNTERS = (
-    ("pagedllm:prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up."),
-    ("pagedllm:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the cache."),
-    ("pagedllm:prompt_tokens", "prompt_tokens_total", "Prefill tokens processed."),
-    ("pagedllm:generation_tokens", "generation_tokens_total", "Generation tokens produced."),
-    ("pagedllm:num_preemptions", "num_preemptions", "Requests preempted (recompute)."),
+_COUNTERS: tuple[tuple[str, str, _Read], ...] = (
+    (
+        "pagedllm:prefix_cache_queries",
+        "Prompt tokens looked up.",
+        lambda s: s.prefix_cache_queries,
+    ),
+    (
+        "pagedllm:prefix_cache_hits",
+        "Prompt tokens found in the cache.",
+        lambda s: s.prefix_cache_hits,
+    ),
+    (
+        "pagedllm:prompt_tokens",
+        "Prefill tokens processed.",
+        lambda s: s.prompt_tokens_total,
+    ),
+    (
+        "pagedllm:generation_tokens",
+        "Generation tokens produced.",
+        lambda s: s.generation_tokens_total,
+    ),
+    (
+        "pagedllm:num_preemptions",
+        "Requests preempted (recompute).",
+        lambda s: s.num_preemptions,
+    ),
 )
+
+# Before the first stats arrive: every engine figure 0.
+_NO_STATS = EngineStats(**dict.fromkeys((f.name for f in dataclasses.fields(EngineStats)), 0))
 
 
 class _EngineStatsCollector(Collector):
+    """Turns the last ``EngineStats`` seen into the gauges and counters above, at each scrape.
+    Before any were seen (an engine that died before the first scrape), the gauges read 0 and
+    the token counters the serving layer's own counts."""
+
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         stats = m.engine_stats
+        if stats is None:
+            stats = dataclasses.replace(
+                _NO_STATS,
+                prompt_tokens_total=m.served_prompt_tokens,
+                generation_tokens_total=m.served_generation_tokens,
+            )
         labels = [m.model_name]
-        for name, key, doc in _GAUGES:
+        for name, doc, read in _GAUGES:
             g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(labels, float(stats.get(key, 0.0)))
+            g.add_metric(labels, float(read(stats)))
             yield g
-        for name, key, doc in _COUNTERS:
+        for name, doc, read in _COUNTERS:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
-            value = stats.get(key)
-            if value is None:  # engine without this stat: the serving layer's own count
-                value = m.fallback_counts.get(key, 0.0)
-            c.add_metric(labels, float(value))
+            c.add_metric(labels, float(read(stats)))
             yield c
 
 
@@ -66,11 +114,11 @@ class ServerMetrics:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
-        self.engine_stats: dict[str, float] = {}
-        self.fallback_counts: dict[str, float] = {
-            "prompt_tokens_total": 0.0,
-            "generation_tokens_total": 0.0,
-        }
+        self.engine_stats: EngineStats | None = None
+        # Counted by the serving layer as requests finish: /metrics falls back on them until
+        # the engine's own stats have been seen.
+        self.served_prompt_tokens = 0
+        self.served_generation_tokens = 0
         lab = ["model_name"]
         reg = self.registry
         self.request_success = Counter(
@@ -109,8 +157,8 @@ class ServerMetrics:
         )
         reg.register(_EngineStatsCollector(self))
 
-    def update_engine_stats(self, stats: dict[str, float]) -> None:
-        self.engine_stats = dict(stats)
+    def update_engine_stats(self, stats: EngineStats) -> None:
+        self.engine_stats = stats
 
     def observe_finished(
         self,
@@ -126,8 +174,8 @@ class ServerMetrics:
         name = self.model_name
         for reason in finish_reasons:
             self.request_success.labels(name, reason).inc()
-        self.fallback_counts["prompt_tokens_total"] += prompt_tokens
-        self.fallback_counts["generation_tokens_total"] += generation_tokens
+        self.served_prompt_tokens += prompt_tokens
+        self.served_generation_tokens += generation_tokens
         if ttft is not None:
             self.ttft.labels(name).observe(max(ttft, 0.0))
         if queue_time is not None:

@@ -7,10 +7,10 @@ accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore
 ``stop_token_ids``, ...).
 
 A field we do not implement is never silently ignored: ``reject_unsupported`` answers 400
-naming it (``logit_bias``, ``response_format``, ``tools``, ``guided_json``, ...), unless it is
+naming it (``response_format``, ``tools``, ``guided_json``, ...), unless it is
 listed in ``HARMLESS_FIELDS`` (bookkeeping fields that cannot change the output) or carries
 its "off" value (``null``, ``tools: []``, ``tool_choice: "none"``,
-``response_format: {"type": "text"}``, ``logit_bias: {}``).
+``response_format: {"type": "text"}``).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
     def reject_unsupported(self) -> None:
         """400 naming the first unsupported field of the request."""

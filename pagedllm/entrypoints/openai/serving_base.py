@@ -138,6 +138,7 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                logit_bias=_logit_bias(req.logit_bias, self.engine.config.model_config.vocab_size),
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 output_kind=kind,
@@ -350,3 +351,22 @@ class OpenAIServing:
         finally:
             tracker.finish(status, count.value, error)
         yield "data: [DONE]\n\n"
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as JSON object keys) with integer keys; a 400 naming
+    ``logit_bias`` for a key that is not a token id or a bias outside [-100, 100]."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise bad_request(
+                f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}.", "logit_bias"
+            )
+        if not -100.0 <= value <= 100.0:
+            raise bad_request(
+                f"logit_bias[{key}] must be in [-100, 100], got {value}.", "logit_bias"
+            )
+        out[int(key)] = value
+    return out
