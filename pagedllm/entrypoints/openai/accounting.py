@@ -81,6 +81,7 @@ class RequestTracker:
         self.engine_ttft: float | None = None
         self.queue_time: float | None = None
         self.finish_reasons: dict[int, str] = {}
+        self.output_tokens = 0  # generated so far (DELTA outputs), whatever the answer's fate
         self.done = False
         # Called once with the completion-token count when the request ends (rate limits).
         self.on_finish: Callable[[int], None] | None = None
@@ -92,6 +93,7 @@ class RequestTracker:
             self.cached_tokens.get(prompt_index, 0), out.num_cached_tokens
         )
         new = sum(len(c.token_ids) for c in out.outputs)
+        self.output_tokens += new
         if new:
             if self.first_token is None:
                 self.first_token = now

@@ -126,10 +126,15 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         rate_limiter=rate_limiter,
         max_body_bytes=int(_opt(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES)),
         body_read_timeout=_opt(args, "body_read_timeout", None),
+        write_timeout=_opt(args, "write_timeout", None),
     )
 
+    health_timeout = float(_opt(args, "engine_health_timeout", 10.0))
+
     def require_engine() -> None:
-        if not engine.is_running:
+        """503 at once when the engine is dead, or alive but silent (wedged): new requests
+        would only queue behind it."""
+        if not engine.is_running or engine.is_wedged(health_timeout):
             raise engine_dead()
 
     @app.post(
@@ -165,7 +170,9 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         return Response(status_code=200)
 
     for path in ("/health", "/ping"):  # /ping: SageMaker's spelling of the same probe
-        app.get(path, response_class=Response, responses=health_responses())(health)
+        app.api_route(
+            path, methods=["GET", "HEAD"], response_class=Response, responses=health_responses()
+        )(health)
 
     @app.get("/metrics", response_class=Response, responses=metrics_responses())
     async def metrics() -> Response:

@@ -136,6 +136,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="answer 408 when a request body takes longer than this to arrive",
     )
     c.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        help="end a request (and close its connection) when its client reads nothing for "
+        "this many seconds",
+    )
+    c.add_argument(
         "--limit-concurrency",
         type=int,
         default=None,
@@ -167,6 +174,7 @@ def _check(args: argparse.Namespace) -> None:
         (args.timeout_keep_alive > 0, "--timeout-keep-alive must be > 0"),
         (args.header_read_timeout > 0, "--header-read-timeout must be > 0"),
         (args.body_read_timeout > 0, "--body-read-timeout must be > 0"),
+        (args.write_timeout > 0, "--write-timeout must be > 0"),
         (args.limit_concurrency is None or args.limit_concurrency >= 1,
          "--limit-concurrency must be >= 1"),
         (args.h11_max_incomplete_event_size >= 1024,

@@ -80,7 +80,10 @@ def engine_dead() -> APIError:
 
 def queue_full() -> APIError:
     return APIError(
-        503, "The server is overloaded (request queue full); retry later.", code="queue_full"
+        503,
+        "The server is overloaded (request queue full); retry later.",
+        code="queue_full",
+        headers={"Retry-After": "1"},
     )
 
 
@@ -91,7 +94,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc) or "body"
-        if param is None and loc:
+        if param is None and loc and not loc[0].isdigit():  # (a JSON error's loc is an offset)
             param = loc[0]
         parts.append(f"{where}: {err.get('msg', 'invalid value')}")
     n = len(parts)

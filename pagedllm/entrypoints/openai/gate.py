@@ -6,7 +6,9 @@ In order: an ``X-Request-Id`` on every response (the client's, or a fresh one); 
 request body, read here in full under two limits — ``--max-request-body-bytes`` (413, by
 ``Content-Length`` or by the bytes actually received) and ``--body-read-timeout`` (408: a client
 that trickles its body in cannot hold a connection and a task forever). Everything is answered
-as an OpenAI error object.
+as an OpenAI error object. On the way out, ``--write-timeout`` bounds each write: a client that
+stops reading its stream has its request ended (and its KV blocks freed) and its connection
+closed.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-class _BodyTooLarge(Exception):
-    pass
+class ClientTooSlowError(Exception):
+    """The client stopped reading the response: the request ends and the connection closes."""
 
 
 class GateMiddleware:
@@ -42,12 +44,14 @@ class GateMiddleware:
         rate_limiter: RateLimiter | None,
         max_body_bytes: int,
         body_read_timeout: float | None,
+        write_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.auth = auth
         self.rate_limiter = rate_limiter
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout = body_read_timeout
+        self.write_timeout = write_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,7 +66,15 @@ class GateMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
-            await send(message)
+            if self.write_timeout is None:
+                await send(message)
+                return
+            try:  # a client that stops reading must not hold its request (and KV) forever
+                await asyncio.wait_for(send(message), self.write_timeout)
+            except asyncio.TimeoutError:
+                raise ClientTooSlowError(
+                    f"The client read nothing for {self.write_timeout:g} s (--write-timeout)."
+                ) from None
 
         try:
             self._admit(scope, headers, state)

@@ -6,7 +6,8 @@ forever, and so is a connection that sends nothing at all. ``HeaderTimeoutH11Pro
 a timer when a connection opens and when the first bytes of a later request arrive, and closes
 the connection if that request's headers are not complete in time. Idle keep-alive
 connections stay under uvicorn's ``--timeout-keep-alive``; the body has its own deadline in
-``GateMiddleware``.
+``GateMiddleware``, and a connection whose request body is still arriving when its response is
+complete is closed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         if self._header_timer is None and self.conn.their_state is h11.IDLE:
             self._arm_header_timer()  # the first bytes of a new request on this connection
         super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        # A client still sending a body we answered without reading (a 401, or a GET with a
+        # body) could otherwise trickle bytes forever: each one resets the keep-alive timer.
+        if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            self.transport.close()
+            return
+        super().on_response_complete()
 
     def handle_events(self) -> None:
         super().handle_events()

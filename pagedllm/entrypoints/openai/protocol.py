@@ -9,7 +9,7 @@ accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore
 A field we do not implement is never silently ignored: ``reject_unsupported`` answers 400
 naming it (``response_format``, ``tools``, ``guided_json``, ...), unless it is
 listed in ``HARMLESS_FIELDS`` (bookkeeping fields that cannot change the output) or carries
-its "off" value (``null``, ``tools: []``, ``tool_choice: "none"``,
+its "off" value (``null``, ``[]`` as in ``tools: []``, ``tool_choice: "none"``,
 ``response_format: {"type": "text"}``).
 """
 
@@ -42,11 +42,12 @@ class OpenAIModel(BaseModel):
     """Base of every request model: strict types; unknown fields are kept in ``model_extra``
     so that ``reject_unsupported`` can name them."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 def _is_off(name: str, value: Any) -> bool:
-    if value is None or (isinstance(value, (list, dict, str)) and not value):
+    """``null`` and ``[]`` turn a feature off; ``{}`` may turn one on (``web_search_options``)."""
+    if value is None or (isinstance(value, list) and not value):
         return True
     return value in _OFF_VALUES.get(name, ())
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from pagedllm.engine.input_processing import validate_priority
@@ -117,8 +117,8 @@ class OpenAIServing:
             return value if value is not None else defaults.get(key, fallback)
 
         kind = RequestOutputKind.FINAL_ONLY
-        if stream or self.state.queue_timeout is not None:
-            kind = RequestOutputKind.DELTA
+        if stream or self.state.queue_timeout is not None or self.state.rate_limiter is not None:
+            kind = RequestOutputKind.DELTA  # (token limits count tokens as they come)
         try:
             return SamplingParams(
                 n=req.n,
@@ -276,6 +276,7 @@ class OpenAIServing:
                 503,
                 f"The request waited more than {timeout:g} s in the queue; retry later.",
                 code="queue_timeout",
+                headers={"Retry-After": "1"},
             ) from e
         except Exception as e:
             err = map_engine_error(e)
@@ -323,15 +324,17 @@ class OpenAIServing:
                 return StreamingResponse(body, media_type="text/event-stream")
             results = await race_disconnect(raw, self.collect(stream, tracker, n))
         except ClientDisconnected:
-            tracker.finish("client_disconnected", 0)
+            tracker.finish("client_disconnected", tracker.output_tokens)
             return Response(status_code=499)
         except APIError as e:
-            tracker.finish("error", 0, e.message)
+            tracker.finish("error", tracker.output_tokens, e.message)
             raise
-        response = final(results)
+        # Logprob entries and echo decoding can be large: build and encode off the loop.
+        response = await self.off_loop(final, results)
         usage = getattr(response, "usage", None)
         tracker.finish("ok", usage.completion_tokens if usage is not None else 0)
-        return JSONResponse(response.model_dump(mode="json"))
+        body = await self.off_loop(response.model_dump_json)
+        return Response(body, media_type="application/json")
 
     async def _sse(
         self, tracker: RequestTracker, payloads: AsyncIterator[str], count: TokenCount
@@ -349,7 +352,7 @@ class OpenAIServing:
             status, error = "error", err.message
             yield f"data: {json.dumps(err.to_dict())}\n\n"
         finally:
-            tracker.finish(status, count.value, error)
+            tracker.finish(status, max(count.value, tracker.output_tokens), error)
         yield "data: [DONE]\n\n"
 
 

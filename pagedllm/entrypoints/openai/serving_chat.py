@@ -73,6 +73,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         else:
             content = m.content or ""
         check_unicode(content, "messages")
+        if m.name is not None:
+            check_unicode(m.name, "messages")
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
         d["content"] = content
         if m.name is not None:

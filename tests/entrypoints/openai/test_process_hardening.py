@@ -72,6 +72,19 @@ def test_partial_headers_are_dropped(guarded: ServerProc) -> None:
     assert httpx.get(guarded.base_url + "/health").status_code == 200
 
 
+def test_unread_body_closes_the_connection(guarded: ServerProc) -> None:
+    """A GET that announces a body it then trickles in is answered, then disconnected."""
+    head = "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", guarded.port)) as s:
+        s.sendall(head.encode() + b"x")
+        s.settimeout(5.0)
+        reply = s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+        assert httpx.head(guarded.base_url + "/health").status_code == 200  # HEAD probes too
+        s.sendall(b"y")  # more body bytes, as a slowloris client would send
+        assert _closed_within(s, 5.0)
+
+
 def test_slow_body_is_408(guarded: ServerProc) -> None:
     head = (
         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -161,6 +174,10 @@ def test_wedged_engine_then_group_sigterm_drains(servers: dict[str, ServerProc])
     os.kill(pid, signal.SIGSTOP)
     try:
         _wait_health(wedged, 503, 5.0)  # --engine-health-timeout 1
+        t0 = time.monotonic()  # new requests are refused at once instead of queueing
+        r = httpx.post(wedged.base_url + COMPLETIONS, json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert time.monotonic() - t0 < 2.0
     finally:
         os.kill(pid, signal.SIGCONT)
     _wait_health(wedged, 200, 5.0)

@@ -124,6 +124,7 @@ def test_lone_surrogate_is_400(http: httpx.Client, path: str, body: str, param: 
         (CHAT, "continue_final_message", True),
         (CHAT, "prompt_logprobs", 1),
         (CHAT, "some_future_field", {"a": [1]}),
+        (CHAT, "web_search_options", {}),  # {} turns search on: not an "off" value
         (COMPLETIONS, "response_format", {"type": "json_object"}),
         (COMPLETIONS, "guided_choice", ["a", "b"]),
     ],
@@ -175,12 +176,15 @@ def test_harmless_and_off_fields_are_accepted(http: httpx.Client) -> None:
         (CHAT, "logprobs", "yes"),
         (CHAT, "stream", 1),
         (CHAT, "temperature", True),
+        (CHAT, "temperature", float("inf")),
+        (COMPLETIONS, "repetition_penalty", float("nan")),
     ],
 )
 def test_lax_types_are_400(http: httpx.Client, path: str, field: str, value: Any) -> None:
     body: dict[str, Any] = {field: value}
     body.update({"messages": MSGS} if path == CHAT else {"prompt": "x"})
-    assert error(http.post(path, json=body), 400)["param"] == field
+    text = json.dumps(body)  # (Python's encoder writes Infinity / NaN, as some clients do)
+    assert error(raw_post(http, path, text), 400)["param"] == field
 
 
 # ---- 6. fan-out and priority ---------------------------------------------------------------

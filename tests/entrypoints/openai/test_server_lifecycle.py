@@ -90,6 +90,7 @@ def test_queue_full_is_503(drain: ServerProc) -> None:
     assert third.status_code == 503, third.text
     err = third.json()["error"]
     assert err["code"] == "queue_full" and err["type"] == "service_unavailable"
+    assert third.headers["Retry-After"] == "1"
     second.join(60)
     if waiting[0].status_code == 200:  # else it waited past --queue-timeout on a slow machine
         assert waiting[0].json()["usage"]["completion_tokens"] == 3
