@@ -1,10 +1,12 @@
 """Per-subject request and token limits over a sliding minute (``--rate-limit-*``).
 
 Why: one busy tenant (an API key, a JWT subject, or a client address on an open server) must
-not starve the others, and a limit is only useful if it is exact — no rolling 60 seconds may
-ever hold more than the limit — and cheap in memory however many subjects come and go. The
-gate (``gate.py``) calls ``check`` before a request runs; ``serving_base.py`` calls ``charge``
-with the request's tokens when it finishes.
+not starve the others, and cheap in memory however many subjects come and go. The request
+limit is exact: no rolling 60 seconds ever admits more requests than the limit. The token
+limit is enforced at admission against tokens already charged: the gate (``gate.py``) calls
+``check`` before a request runs, and ``serving_base.py`` calls ``charge`` with the request's
+prompt and generated tokens when it ends (however it ends), so one request that starts under
+the limit may take the subject over it; the next ones wait until the window has room again.
 """
 
 from __future__ import annotations
