@@ -59,12 +59,8 @@ SAMPLE_PROMPTS = [
     "import os\n\n\ndef list_python_files(root):\n",
     "class Stack:\n    def __init__(self):\n",
 ]
-SAMPLE_CHAT = [
-    {
-        "role": "user",
-        "content": "Write a Python function `is_prime(n)`: Return True if n is a prime number.",
-    }
-]
+SAMPLE_CHAT = [{"role": "user", "content": "Write a Python function `is_prime(n)`: "
+                "Return True if n is a prime number."}]
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,12 +85,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intermediate-size", type=int, default=896)
     p.add_argument("--val-percent", type=int, default=3)
     p.add_argument("--max-files", type=int, default=0, help="use only the first N files (smoke)")
-    p.add_argument(
-        "--max-train-seconds",
-        type=float,
-        default=360.0,
-        help="safety stop for the training loop; logged if it triggers",
-    )
+    p.add_argument("--max-train-seconds", type=float, default=360.0,
+                   help="safety stop for the training loop; logged if it triggers")
     return p.parse_args()
 
 
@@ -102,8 +94,7 @@ def read_corpus(max_files: int) -> tuple[Path, list[tuple[str, str]]]:
     """(relative path, text) for every UTF-8 ``.py`` file of the stdlib, sorted by path."""
     root = Path(sysconfig.get_paths()["stdlib"]).resolve()
     paths = sorted(
-        p
-        for p in root.rglob("*.py")
+        p for p in root.rglob("*.py")
         if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     )
     docs: list[tuple[str, str]] = []
@@ -147,11 +138,8 @@ def chat_examples(doc: tuple[str, str]) -> list[str]:
         summary = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
         signature = f"{node.name}({ast.unparse(node.args)})"
         h = int(hashlib.sha1(f"{rel}:{node.lineno}".encode()).hexdigest(), 16)
-        user = (
-            f"Write a Python function `{signature}`: {summary}"
-            if h % 2 == 0
-            else f"{summary}\nImplement it as `{node.name}` in Python."
-        )
+        user = (f"Write a Python function `{signature}`: {summary}" if h % 2 == 0
+                else f"{summary}\nImplement it as `{node.name}` in Python.")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": src}]
         if h % 3 == 0:
             messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
@@ -205,39 +193,25 @@ def lm_loss(model: LlamaForCausalLM, batch: torch.Tensor, device: torch.device) 
 
 
 @torch.no_grad()
-def evaluate(
-    model: LlamaForCausalLM, val: torch.Tensor, args: argparse.Namespace, device: torch.device
-) -> float:
+def evaluate(model: LlamaForCausalLM, val: torch.Tensor, args: argparse.Namespace,
+             device: torch.device) -> float:
     n = min(args.eval_windows, (len(val) - 1) // args.seq_len)
     windows = val[: n * args.seq_len + 1].unfold(0, args.seq_len + 1, args.seq_len)
     model.eval()
-    losses = [
-        lm_loss(model, windows[i : i + args.batch_size], device).item()
-        * len(windows[i : i + args.batch_size])
-        for i in range(0, n, args.batch_size)
-    ]
+    losses = [lm_loss(model, windows[i : i + args.batch_size], device).item() * len(
+        windows[i : i + args.batch_size]) for i in range(0, n, args.batch_size)]
     model.train()
     return sum(losses) / n
 
 
-def train(
-    model: LlamaForCausalLM,
-    train_ids: torch.Tensor,
-    val_ids: torch.Tensor,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> dict[str, Any]:
+def train(model: LlamaForCausalLM, train_ids: torch.Tensor, val_ids: torch.Tensor,
+          args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
     opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        fused=device.type == "cuda",
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
     )
     gen = torch.Generator().manual_seed(args.seed)
     offsets = torch.arange(args.seq_len + 1)
@@ -250,9 +224,8 @@ def train(
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, args)
-        starts = torch.randint(
-            0, len(train_ids) - args.seq_len - 1, (args.batch_size,), generator=gen
-        )
+        starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch_size,),
+                               generator=gen)
         loss = lm_loss(model, train_ids[starts[:, None] + offsets], device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,19 +237,10 @@ def train(
         if step % args.eval_every == 0 or step == args.steps or out_of_time:
             val_loss = evaluate(model, val_ids, args, device)
             train_loss = sum(recent) / len(recent)
-            history.append(
-                {
-                    "step": step,
-                    "train_loss": round(train_loss, 4),
-                    "val_loss": round(val_loss, 4),
-                    "elapsed_s": round(elapsed, 1),
-                }
-            )
-            print(
-                f"step {step:5d}  lr {lr_at(step - 1, args):.2e}  train {train_loss:.4f}  "
-                f"val {val_loss:.4f}  ppl {math.exp(val_loss):.2f}  {elapsed:6.1f}s",
-                flush=True,
-            )
+            history.append({"step": step, "train_loss": round(train_loss, 4),
+                            "val_loss": round(val_loss, 4), "elapsed_s": round(elapsed, 1)})
+            print(f"step {step:5d}  lr {lr_at(step - 1, args):.2e}  train {train_loss:.4f}  "
+                  f"val {val_loss:.4f}  ppl {math.exp(val_loss):.2f}  {elapsed:6.1f}s", flush=True)
             if val_loss < best["val_loss"]:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 best = {"val_loss": val_loss, "step": step, "state": state}
@@ -285,40 +249,25 @@ def train(
             print(f"stopping: --max-train-seconds {args.max_train_seconds} reached", flush=True)
             break
     model.load_state_dict(best.pop("state"))
-    return {
-        "steps_run": step,
-        "stopped_early": stopped_early,
-        "train_seconds": round(time.time() - start, 1),
-        "history": history,
-        "best_step": best["step"],
-        "best_val_loss": best["val_loss"],
-    }
+    return {"steps_run": step, "stopped_early": stopped_early,
+            "train_seconds": round(time.time() - start, 1), "history": history,
+            "best_step": best["step"], "best_val_loss": best["val_loss"]}
 
 
 def save_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "unk_token": None,
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
         "additional_special_tokens": CHAT_TOKENS,
-        "add_bos_token": True,
-        "add_eos_token": False,
+        "add_bos_token": True, "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
         "padding_side": "left",
         "chat_template": CHAT_TEMPLATE,
         "added_tokens_decoder": {
-            str(tok.token_to_id(t)): {
-                "content": t,
-                "special": True,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "single_word": False,
-            }
+            str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "single_word": False}
             for t in SPECIAL_TOKENS
         },
     }
@@ -329,16 +278,15 @@ def sample_completions(out: Path, device: torch.device) -> list[dict[str, str]]:
     """Greedy completions from the *saved* directory (fp32), proving it loads."""
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
-    chat_prompt = tokenizer.apply_chat_template(
-        SAMPLE_CHAT, add_generation_prompt=True, tokenize=False
-    )
+    chat_prompt = tokenizer.apply_chat_template(SAMPLE_CHAT, add_generation_prompt=True,
+                                                tokenize=False)
     assert chat_prompt == BOS + render_chat(SAMPLE_CHAT, add_generation_prompt=True)
     samples = []
     for prompt, special in [*((p, True) for p in SAMPLE_PROMPTS), (chat_prompt, False)]:
         ids = tokenizer(prompt, add_special_tokens=special, return_tensors="pt").input_ids
         with torch.no_grad():
             gen = model.generate(ids.to(device), max_new_tokens=96, do_sample=False)
-        completion = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=False)
+        completion = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=False)
         samples.append({"prompt": prompt, "completion": completion})
         print(f"--- prompt ---\n{prompt}\n--- greedy completion ---\n{completion}\n", flush=True)
     return samples
@@ -359,37 +307,23 @@ def main() -> None:
         val_chat = [c for cs in pool.map(chat_examples, val_files, chunksize=8) for c in cs]
     train_texts = [t for _, t in train_files] + train_chat
     val_texts = [t for _, t in val_files] + val_chat
-    print(
-        f"Python {platform.python_version()} stdlib at {root}: {len(train_files)} train files, "
-        f"{len(val_files)} val files, {len(train_chat)}+{len(val_chat)} chat examples, "
-        f"{sum(map(len, train_texts)) / 1e6:.1f}M train chars",
-        flush=True,
-    )
+    print(f"Python {platform.python_version()} stdlib at {root}: {len(train_files)} train files, "
+          f"{len(val_files)} val files, {len(train_chat)}+{len(val_chat)} chat examples, "
+          f"{sum(map(len, train_texts)) / 1e6:.1f}M train chars", flush=True)
 
     tok = train_tokenizer(train_texts, args.vocab_size)
     train_ids, val_ids = encode_stream(tok, train_texts), encode_stream(tok, val_texts)
-    print(
-        f"tokenizer: vocab {tok.get_vocab_size()}, {len(train_ids) / 1e6:.2f}M train tokens, "
-        f"{len(val_ids) / 1e6:.3f}M val tokens ({time.time() - t0:.1f}s)",
-        flush=True,
-    )
+    print(f"tokenizer: vocab {tok.get_vocab_size()}, {len(train_ids) / 1e6:.2f}M train tokens, "
+          f"{len(val_ids) / 1e6:.3f}M val tokens ({time.time() - t0:.1f}s)", flush=True)
 
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=ids[BOS],
-        eos_token_id=ids[EOS],
-        pad_token_id=ids[PAD],
-        initializer_range=0.02,
+        vocab_size=tok.get_vocab_size(), hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=ids[BOS], eos_token_id=ids[EOS],
+        pad_token_id=ids[PAD], initializer_range=0.02,
     )
     model = LlamaForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -397,21 +331,13 @@ def main() -> None:
 
     stats = train(model, train_ids, val_ids, args, device)
     last = stats["history"][-1]
-    print(
-        f"best val loss {stats['best_val_loss']:.4f} (ppl {math.exp(stats['best_val_loss']):.2f})"
-        f" at step {stats['best_step']}; training took {stats['train_seconds']}s",
-        flush=True,
-    )
+    print(f"best val loss {stats['best_val_loss']:.4f} (ppl {math.exp(stats['best_val_loss']):.2f})"
+          f" at step {stats['best_step']}; training took {stats['train_seconds']}s", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids[BOS],
-        eos_token_id=[ids[EOS], ids["<|end|>"]],
-        pad_token_id=ids[PAD],
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.95,
-        max_new_tokens=256,
+        bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids["<|end|>"]], pad_token_id=ids[PAD],
+        do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=256,
     )
     model.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
     cfg_path = args.out / "config.json"
@@ -428,15 +354,10 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "corpus": {
-            "stdlib": str(root),
-            "train_files": len(train_files),
-            "val_files": len(val_files),
-            "train_chat_examples": len(train_chat),
-            "val_chat_examples": len(val_chat),
-            "train_tokens": len(train_ids),
-            "val_tokens": len(val_ids),
-        },
+        "corpus": {"stdlib": str(root), "train_files": len(train_files),
+                   "val_files": len(val_files), "train_chat_examples": len(train_chat),
+                   "val_chat_examples": len(val_chat), "train_tokens": len(train_ids),
+                   "val_tokens": len(val_ids)},
         "parameters": n_params,
         **{k: v for k, v in stats.items() if k != "history"},
         "final_train_loss": last["train_loss"],
@@ -450,14 +371,8 @@ def main() -> None:
     sizes = {p.name: p.stat().st_size for p in sorted(args.out.iterdir())}
     print(json.dumps(sizes, indent=2), f"total {sum(sizes.values()) / 2**20:.2f} MiB", flush=True)
     assert max(sizes.values()) < 15 * 2**20, "a file is over 15 MiB"
-    expected = {
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "training_log.json",
-    }
+    expected = {"config.json", "generation_config.json", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json", "training_log.json"}
     assert set(sizes) == expected, f"unexpected files: {sorted(set(sizes) ^ expected)}"
 
 

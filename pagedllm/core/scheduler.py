@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+import time
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -52,6 +53,7 @@ class Scheduler:
         # The sequences of each step not yet updated (by id of its SchedulerOutput): an id may
         # be reused once its sequence finished while a step naming it is still in flight.
         self._in_flight: dict[int, list[Sequence]] = {}
+        self._step_seqs: list[Sequence] = []  # the step being built, in its scheduled order
         by_priority = config.scheduling_policy == "priority"
         self._key = operator.attrgetter("sort_key" if by_priority else "arrival_key")
 
@@ -111,6 +113,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_seq_ids=self._finished_on_worker)
         self._finished_on_worker = []
+        self._step_seqs = []
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -138,7 +141,7 @@ class Scheduler:
         if not out.preempted_seq_ids:
             self._admit_waiting(out, budget)
         if out.scheduled:
-            self._in_flight[id(out)] = [self.sequences[s.seq_id] for s in out.scheduled]
+            self._in_flight[id(out)] = self._step_seqs
         return out
 
     def _finishes_on_pending(self, seq: Sequence) -> bool:
@@ -153,6 +156,9 @@ class Scheduler:
     def _add(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         """Schedule ``num_new`` tokens of ``seq`` (as a diff for the worker) and count them as
         computed from now on."""
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self._step_seqs.append(seq)
         start = seq.num_computed_tokens
         samples = start + num_new == seq.num_tokens_with_pending
         sample_ids: list[str] = []

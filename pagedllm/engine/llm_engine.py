@@ -146,13 +146,11 @@ class LLMEngine:
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
-        if sched.scheduled:
-            now = time.monotonic()
-            for s in sched.scheduled:
-                seq = self.scheduler.sequences[s.seq_id]
-                if seq.first_scheduled_time is None:
-                    seq.first_scheduled_time = now
-        elif self._inflight is None and self.scheduler.has_unfinished_sequences():
+        if (
+            not sched.scheduled
+            and self._inflight is None
+            and self.scheduler.has_unfinished_sequences()
+        ):
             raise RuntimeError("Scheduler made no progress with requests pending (engine bug).")
         return sched
 
