@@ -51,7 +51,7 @@ def main() -> None:
     print(f"init {time.perf_counter() - t0:.1f} s")
     eng = llm.llm_engine
     runner = eng.runner
-    vocab = eng.config.model_config.vocab_size
+    vocab = eng.config.model_config.arch.vocab_size
     g = torch.Generator().manual_seed(0)
     events: list[tuple[torch.cuda.Event, torch.cuda.Event, int, int]] = []
     orig = runner.execute_async

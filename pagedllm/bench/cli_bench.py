@@ -10,7 +10,7 @@ from typing import Any
 
 from pagedllm.bench.presets import PRESETS
 from pagedllm.bench.serve import add_serve_parser
-from pagedllm.entrypoints.cli import add_engine_args
+from pagedllm.config.cli_args import add_engine_args
 
 _THROUGHPUT_EPILOG = """\
 examples:
@@ -43,7 +43,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="config-only preset with dummy weights and a synthetic tokenizer (instead of --model)",
     )
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     p.add_argument(
         "--output-json",
         default=None,

@@ -87,8 +87,8 @@ class _Timer:
     def __init__(self, llm: Any, args: argparse.Namespace, bar: Any) -> None:
         cfg: EngineConfig = llm.llm_engine.config
         tok = llm.get_tokenizer()
-        self.llm, self.device, self.bar = llm, cfg.torch_device, bar
-        self.vocab = min(cfg.model_config.vocab_size, len(tok))
+        self.llm, self.device, self.bar = llm, cfg.device_config.torch_device, bar
+        self.vocab = min(cfg.model_config.arch.vocab_size, len(tok))
         self.special = special_token_ids(tok)
         self.seed = args.seed
         self.detokenize = not args.disable_detokenize
@@ -222,20 +222,20 @@ def main(args: argparse.Namespace) -> int:
     paths = report.output_paths("latency", args.output_json)
     kwargs = bench_engine_kwargs(args)
     kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], max(args.batch_sizes))
-    device = EngineConfig(**kwargs).torch_device
+    device = EngineConfig(**kwargs).device_config.torch_device
     copy_bytes = args.copy_mib * 2**20 if args.copy_mib else None
     bandwidth = measure_copy_bandwidth(device, copy_bytes)  # before the KV cache takes memory
     llm = LLM(**kwargs)
-    cfg = llm.llm_engine.config
-    assert cfg.max_model_len is not None
-    if args.input_len + args.output_len > cfg.max_model_len:
+    max_len = llm.llm_engine.config.model_config.max_model_len
+    assert max_len is not None
+    if args.input_len + args.output_len > max_len:
         raise ValueError(
             f"--input-len + --output-len ({args.input_len + args.output_len}) exceeds "
-            f"max_model_len ({cfg.max_model_len})."
+            f"max_model_len ({max_len})."
         )
-    ttft_lens = [n for n in args.ttft_lens if n < cfg.max_model_len]
+    ttft_lens = [n for n in args.ttft_lens if n < max_len]
     if len(ttft_lens) < len(args.ttft_lens):
-        print(f"Skipping TTFT lengths >= max_model_len ({cfg.max_model_len}).")
+        print(f"Skipping TTFT lengths >= max_model_len ({max_len}).")
     engine_info = report.describe_engine(llm)
     weight_bytes = engine_info["weight_bytes"]
     kv_per_token = llm.llm_engine.runner.kv_spec.bytes_per_token

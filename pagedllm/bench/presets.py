@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pagedllm.config.cli_args import engine_kwargs_from_args
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESETS: tuple[str, ...] = ("llama-3-8b", "qwen3-0.6b", "qwen2.5-7b")
 # Name of the marker file that says a directory's tokenizer is synthetic (see module doc).
@@ -139,18 +141,16 @@ def bench_engine_kwargs(args: Any) -> dict[str, Any]:
     real weights are refused), ``--model DIR`` is used as given, neither = the demo model.
     ``--tokenizer DIR`` overrides the tokenizer (e.g. a real one for ShareGPT prompts).
     """
-    from pagedllm.entrypoints.cli import engine_kwargs
-
     preset = getattr(args, "model_config", None)
     if preset and args.model_flag:
         raise ValueError("Pass either --model or --model-config, not both.")
-    model = str(materialize_preset(preset)) if preset else args.model_flag
-    kwargs = engine_kwargs(args, model)
+    kwargs = engine_kwargs_from_args(args)
     if preset:
+        kwargs["model"] = str(materialize_preset(preset))
         if args.load_format not in ("auto", "dummy"):
             raise ValueError(f"Preset {preset!r} has no weights; use --load-format dummy.")
         kwargs["load_format"] = "dummy"
-        kwargs["tokenizer"] = str(synthetic_tokenizer_dir(model))
+        kwargs["tokenizer"] = str(synthetic_tokenizer_dir(kwargs["model"]))
     if getattr(args, "tokenizer", None):
         kwargs["tokenizer"] = args.tokenizer
     return kwargs

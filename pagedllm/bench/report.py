@@ -212,20 +212,21 @@ def describe_engine(llm: Any) -> dict[str, Any]:
     cfg = engine.config
     runner = engine.runner
     backend = type(runner.attn_layers[0].backend).__name__ if runner.attn_layers else None
+    mc, cache, sched = cfg.model_config, cfg.cache_config, cfg.scheduler_config
     return {
-        "model": cfg.model,
-        "tokenizer": cfg.tokenizer,
-        "architecture": cfg.model_config.architecture,
-        "load_format": cfg.load_format,
-        "dtype": str(cfg.torch_dtype).removeprefix("torch."),
-        "device": str(cfg.torch_device),
+        "model": mc.model,
+        "tokenizer": mc.tokenizer,
+        "architecture": mc.arch.architecture,
+        "load_format": mc.load_format,
+        "dtype": str(mc.torch_dtype).removeprefix("torch."),
+        "device": str(cfg.device_config.torch_device),
         "attention_backend": backend,
-        "block_size": cfg.block_size,
-        "max_model_len": cfg.max_model_len,
-        "max_num_seqs": cfg.max_num_seqs,
-        "max_num_batched_tokens": cfg.max_num_batched_tokens,
-        "enable_prefix_caching": cfg.enable_prefix_caching,
-        "enable_chunked_prefill": cfg.enable_chunked_prefill,
+        "block_size": cache.block_size,
+        "max_model_len": mc.max_model_len,
+        "max_num_seqs": sched.max_num_seqs,
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "enable_prefix_caching": cache.enable_prefix_caching,
+        "enable_chunked_prefill": sched.enable_chunked_prefill,
         "num_kv_blocks": runner.num_blocks,
         "kv_cache_gib": round(runner.num_blocks * runner.kv_spec.bytes_per_block / 2**30, 3),
         "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),

@@ -84,7 +84,7 @@ def load_requests(args: argparse.Namespace, tokenizer: Any, config: EngineConfig
             tokenizer,
             seed=args.seed,
             output_len=args.output_len,
-            max_model_len=config.max_model_len,
+            max_model_len=config.model_config.max_model_len,
         )
     in_range = (
         parse_len_range(args.input_len_range)
@@ -96,13 +96,14 @@ def load_requests(args: argparse.Namespace, tokenizer: Any, config: EngineConfig
         if args.output_len_range
         else ratio_range(args.output_len or 128, args.range_ratio)
     )
-    assert config.max_model_len is not None
-    if in_range[1] + out_range[1] > config.max_model_len:
+    max_len = config.model_config.max_model_len
+    assert max_len is not None
+    if in_range[1] + out_range[1] > max_len:
         raise ValueError(
             f"Longest request ({in_range[1]} + {out_range[1]} tokens) exceeds max_model_len "
-            f"({config.max_model_len})."
+            f"({max_len})."
         )
-    vocab = min(config.model_config.vocab_size, len(tokenizer))
+    vocab = min(config.model_config.arch.vocab_size, len(tokenizer))
     return sample_random(
         args.num_prompts, in_range, out_range, vocab, special_token_ids(tokenizer), args.seed
     )
@@ -128,7 +129,7 @@ def run_pagedllm(llm: Any, requests: list[BenchRequest], args: argparse.Namespac
     from pagedllm import SamplingParams
 
     engine = llm.llm_engine
-    device = engine.config.torch_device
+    device = engine.config.device_config.torch_device
 
     def params(n: int) -> SamplingParams:
         return SamplingParams(
@@ -183,15 +184,16 @@ def load_hf_model(config: EngineConfig) -> torch.nn.Module:
     """The transformers model of ``config``, on its device and dtype (dummy: random)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    assert config.model is not None
-    if config.load_format == "dummy":
-        hf_cfg = AutoConfig.from_pretrained(config.model)
-        with torch.device(config.torch_device):
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=config.torch_dtype)
-        _dummy_fill(model, config.seed)
+    mc, device = config.model_config, config.device_config.torch_device
+    assert mc.model is not None
+    if mc.load_format == "dummy":
+        hf_cfg = AutoConfig.from_pretrained(mc.model)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=mc.torch_dtype)
+        _dummy_fill(model, mc.seed)
     else:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=config.torch_dtype)
-        model = model.to(config.torch_device)
+        model = AutoModelForCausalLM.from_pretrained(mc.model, dtype=mc.torch_dtype)
+        model = model.to(device)
     return model.eval()
 
 
@@ -201,7 +203,7 @@ def run_transformers(
     """Batched, left-padded, greedy ``generate`` over ``requests`` (see the module doc)."""
     from transformers import GenerationConfig
 
-    device = config.torch_device
+    device = config.device_config.torch_device
     in_use = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = load_hf_model(config)
     pad = 0
@@ -286,22 +288,23 @@ def main(args: argparse.Namespace) -> int:
     check_dataset_args(args, kwargs)
     llm = LLM(**kwargs)
     config = llm.llm_engine.config
+    device = config.device_config.torch_device
     requests = load_requests(args, llm.get_tokenizer(), config)
     engine_info = report.describe_engine(llm)
     results = {"pagedllm": run_pagedllm(llm, requests, args).metrics()}
     del llm
-    free_device_memory(config.torch_device)
+    free_device_memory(device)
     ratio = None
     if args.baseline == "transformers":
         hf_requests = requests[: args.hf_num_prompts] if args.hf_num_prompts else requests
-        batch = args.hf_batch_size or (128 if config.torch_device.type == "cuda" else 32)
+        batch = args.hf_batch_size or (128 if device.type == "cuda" else 32)
         hf = run_transformers(config, hf_requests, batch, not args.disable_tqdm).metrics()
-        free_device_memory(config.torch_device)
+        free_device_memory(device)
         results["transformers"] = hf
         ratio = {k: results["pagedllm"][k] / hf[k] for k in _RATES}
     rep: dict[str, Any] = {
         "kind": "throughput",
-        "env": report.env_info(config.torch_device),
+        "env": report.env_info(device),
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "engine": engine_info,
         "workload": workload_summary(requests),

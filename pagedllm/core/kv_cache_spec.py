@@ -29,7 +29,7 @@ KV_DTYPE_BYTES: dict[str, int] = {
     "fp8_e4m3": 1,
 }
 
-# ``EngineConfig.kv_cache_dtype`` values that work today ("auto": the model's dtype).
+# ``CacheConfig.kv_cache_dtype`` values that work today ("auto": the model's dtype).
 SUPPORTED_KV_CACHE_DTYPES = ("auto",)
 
 
@@ -113,12 +113,12 @@ class KVCacheSpec:
         """
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}.")
-        mc = config.model_config
-        model_dtype = str(config.torch_dtype).removeprefix("torch.")
+        arch, cache = config.model_config.arch, config.cache_config
+        model_dtype = str(config.model_config.torch_dtype).removeprefix("torch.")
         return cls(
-            num_layers=mc.num_hidden_layers,
-            block_size=config.block_size,
-            num_kv_heads=kv_heads_per_rank(mc.num_key_value_heads, tp_size),
-            head_dim=mc.head_dim,
-            dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype),
+            num_layers=arch.num_hidden_layers,
+            block_size=cache.block_size,
+            num_kv_heads=kv_heads_per_rank(arch.num_key_value_heads, tp_size),
+            head_dim=arch.head_dim,
+            dtype=resolve_kv_cache_dtype(cache.kv_cache_dtype, model_dtype),
         )

@@ -24,7 +24,8 @@ import bisect
 import operator
 import time
 
-from pagedllm.config import EngineConfig
+from pagedllm.config.cache import CacheConfig
+from pagedllm.config.scheduler import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler_output import (
     NewSequenceData,
@@ -37,14 +38,24 @@ from pagedllm.core.sequence import Sequence, SequenceStatus
 class Scheduler:
     """Decides, every step, which sequences compute which tokens (see the module doc)."""
 
-    def __init__(self, config: EngineConfig, num_blocks: int) -> None:
-        assert config.max_num_batched_tokens is not None and config.max_model_len is not None
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
-        self.chunked_prefill = config.enable_chunked_prefill
-        self.block_size = config.block_size
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        max_model_len: int,
+        num_blocks: int,
+    ) -> None:
+        """``scheduler_config`` with ``max_num_batched_tokens`` resolved (as ``EngineConfig``
+        leaves it); ``num_blocks``: the KV pool's size, decided by the worker."""
+        assert scheduler_config.max_num_batched_tokens is not None
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
@@ -54,7 +65,7 @@ class Scheduler:
         # be reused once its sequence finished while a step naming it is still in flight.
         self._in_flight: dict[int, list[Sequence]] = {}
         self._step_seqs: list[Sequence] = []  # the step being built, in its scheduled order
-        by_priority = config.scheduling_policy == "priority"
+        by_priority = scheduler_config.scheduling_policy == "priority"
         self._key = operator.attrgetter("sort_key" if by_priority else "arrival_key")
 
     # ---- admission and removal -------------------------------------------------------

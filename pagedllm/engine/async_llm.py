@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import zmq
@@ -39,7 +39,7 @@ from pagedllm.engine.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
-from pagedllm.engine.input_processing import tokenize_prompt, validate_request
+from pagedllm.engine.input_processing import InputProcessor
 from pagedllm.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -92,6 +92,7 @@ class AsyncLLM:
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.input_processor = InputProcessor(config, tokenizer)  # the engine's checks
         self.generation_defaults = generation_defaults
         self.max_waiting_requests = max_waiting_requests
         self.health_timeout_s = check_timeout("health_timeout_s", health_timeout_s)
@@ -125,11 +126,12 @@ class AsyncLLM:
         ``engine_stall_timeout_s``: an engine silent for longer is SIGKILLed and declared dead,
         failing every in-flight request with EngineDeadError (None, the default: never).
         """
-        assert config.tokenizer is not None and config.model is not None
+        mc = config.model_config
+        assert mc.tokenizer is not None and mc.model is not None
         check_timeout("health_timeout_s", health_timeout_s)
         check_timeout("engine_stall_timeout_s", engine_stall_timeout_s)
-        tokenizer = load_tokenizer(config.tokenizer)
-        defaults = load_generation_defaults(config.model, tokenizer)
+        tokenizer = load_tokenizer(mc.tokenizer)
+        defaults = load_generation_defaults(mc.model, tokenizer)
         handle = EngineProcess(config)
         ready = handle.start()
         logger.info("Engine process %d is ready.", ready.pid)
@@ -145,13 +147,6 @@ class AsyncLLM:
         )
 
     # ---- requests --------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        return tokenize_prompt(self.tokenizer, prompt)  # same as the engine's
-
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """The engine's checks: raise ValueError, or return the effective max_tokens."""
-        return validate_request(self.config, prompt_token_ids, params)
-
     async def generate(
         self,
         prompt: str | list[int],
@@ -164,7 +159,8 @@ class AsyncLLM:
         """Yield the request's outputs (per ``params.output_kind``) up to the finished one.
 
         Checked here, before anything is queued (on the first ``__anext__``): ValueError for an
-        invalid request, an id that is in flight, or a ``request_timeout_s`` <= 0;
+        invalid request (``input_processor``: the engine's own checks, the priority included),
+        an id that is in flight, or a ``request_timeout_s`` <= 0;
         QueueFullError; EngineDeadError. Later failures raise from the iteration: ValueError /
         RuntimeError if the engine rejects the request, EngineDeadError if the engine dies (or
         stalls past ``engine_stall_timeout_s``), RequestTimeoutError once
@@ -178,8 +174,7 @@ class AsyncLLM:
         check_timeout("request_timeout_s", request_timeout_s)
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        prompt_ids = self.tokenize(prompt)
-        self.validate(prompt_ids, params)
+        prompt_ids = self.input_processor.process(prompt, params, priority).prompt_token_ids
         self._check_queue()
         self._num_sent += 1
         engine_id = f"{request_id}@{self._num_sent}"

@@ -27,7 +27,6 @@ grace period (``EngineProcess.close``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -231,7 +230,7 @@ def run_engine_core(
     failed = False
     try:
         inp.bind(input_addr)
-        config = dataclasses.replace(config)  # re-validate (e.g. device "auto") in this process
+        config = EngineConfig(**config.to_kwargs())  # re-validate (device "auto") here
         core = EngineCore(LLMEngine(config), out)
         core.send(EngineReady(os.getpid(), core.stats()))
         core.serve(Channel(inp, key), parent_pid)

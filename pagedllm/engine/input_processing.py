@@ -1,8 +1,20 @@
-"""Request checks shared by the engine and the API process (which validates before sending)."""
+"""`InputProcessor`: a request's prompt turned into token ids and checked against the engine.
+
+A request can enter at three doors: ``LLM.generate`` (offline), ``AsyncLLM.generate`` (the API
+process, which checks before sending so that a bad request costs no round trip) and
+``LLMEngine.add_request`` (the engine, which checks again whatever it is sent). All three hold
+an ``InputProcessor`` built from the same config and tokenizer, so every rule a request must
+meet against this model and engine is written once, here: a non-empty prompt of token ids in
+the vocabulary leaving room for output within ``max_model_len``, logprob counts and
+``logit_bias`` ids within the vocabulary, a reachable ``min_tokens``, and a priority only under
+priority scheduling. The OpenAI server reads its limits from the same object and keeps only
+its HTTP-specific checks (OpenAI's wording for context-length errors, request-size bounds).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -10,50 +22,87 @@ from pagedllm.config import EngineConfig
 from pagedllm.sampling_params import SamplingParams
 
 
-def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of a text prompt (special tokens such as BOS added), or the given ids."""
-    if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
-    return [int(t) for t in prompt]
+@dataclass(frozen=True)
+class ProcessedInput:
+    """A checked request: its prompt token ids and its effective ``max_tokens`` (the request's,
+    capped by the room ``max_model_len`` leaves after the prompt)."""
+
+    prompt_token_ids: list[int]
+    max_tokens: int
 
 
-def validate_request(config: EngineConfig, prompt_ids: list[int], params: SamplingParams) -> int:
-    """Raise ValueError if the request can't run; return its effective max_tokens."""
-    vocab = config.model_config.vocab_size
-    max_len = config.max_model_len
-    assert max_len is not None
-    if not prompt_ids:
-        raise ValueError("The prompt is empty; at least one prompt token is required.")
-    if any(not 0 <= t < vocab for t in prompt_ids):
-        raise ValueError(f"Prompt token ids must be in [0, {vocab}) (the model's vocab size).")
-    if len(prompt_ids) >= max_len:
-        raise ValueError(
-            f"The prompt has {len(prompt_ids)} tokens, but max_model_len is {max_len}: "
-            f"prompts may have at most {max_len - 1} tokens to leave room for output."
-        )
-    for name in ("logprobs", "prompt_logprobs"):
-        k = getattr(params, name)
-        if k is not None and k > vocab:
-            raise ValueError(f"{name}={k} exceeds the vocabulary size ({vocab}).")
-    if any(not 0 <= t < vocab for t in params.logit_bias or {}):
-        raise ValueError(f"logit_bias token ids must be in [0, {vocab}) (the model's vocab size).")
-    room = max_len - len(prompt_ids)
-    if params.min_tokens > room:
-        raise ValueError(
-            f"min_tokens={params.min_tokens} cannot be reached: the prompt has "
-            f"{len(prompt_ids)} tokens and max_model_len is {max_len}."
-        )
-    return room if params.max_tokens is None else min(params.max_tokens, room)
+class InputProcessor:
+    """Tokenizes and checks requests for one engine (see the module doc).
 
-
-def validate_priority(config: EngineConfig, priority: int) -> None:
-    """Raise ValueError for a nonzero priority unless priority scheduling is on.
-
-    Under ``fcfs`` the scheduler ignores priorities, so accepting one would silently promise an
-    ordering the engine does not give.
+    ``process(prompt, params, priority)`` does everything; its parts (``tokenize``,
+    ``check_priority``, ``check_prompt``) serve callers that must run them at different
+    moments (the server checks the priority before it tokenizes). Every check raises ValueError.
     """
-    if priority != 0 and config.scheduling_policy != "priority":
-        raise ValueError(
-            f"Got priority {priority} but priority scheduling is not enabled "
-            "(--scheduling-policy priority)."
-        )
+
+    def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        max_model_len = config.model_config.max_model_len
+        assert max_model_len is not None  # resolved by the config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size: int = config.model_config.arch.vocab_size
+        self.max_model_len: int = max_model_len
+        self.priority_scheduling = config.scheduler_config.scheduling_policy == "priority"
+
+    def process(
+        self, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0
+    ) -> ProcessedInput:
+        """Check the priority, tokenize the prompt, check the request; ValueError if it can't
+        run."""
+        self.check_priority(priority)
+        prompt_ids = self.tokenize(prompt)
+        return ProcessedInput(prompt_ids, self.check_prompt(prompt_ids, params))
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a text prompt (special tokens such as BOS added), or the given ids."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def in_vocab(self, token_ids: Iterable[int]) -> bool:
+        """Whether every id is a token of the model (in ``[0, vocab_size)``)."""
+        return all(0 <= t < self.vocab_size for t in token_ids)
+
+    def check_priority(self, priority: int) -> None:
+        """Raise ValueError for a nonzero priority unless priority scheduling is on.
+
+        Under ``fcfs`` the scheduler ignores priorities, so accepting one would silently
+        promise an ordering the engine does not give.
+        """
+        if priority != 0 and not self.priority_scheduling:
+            raise ValueError(
+                f"Got priority {priority} but priority scheduling is not enabled "
+                "(--scheduling-policy priority)."
+            )
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Raise ValueError if the request can't run; return its effective max_tokens."""
+        vocab, max_len = self.vocab_size, self.max_model_len
+        if not prompt_ids:
+            raise ValueError("The prompt is empty; at least one prompt token is required.")
+        if not self.in_vocab(prompt_ids):
+            raise ValueError(f"Prompt token ids must be in [0, {vocab}) (the model's vocab size).")
+        if len(prompt_ids) >= max_len:
+            raise ValueError(
+                f"The prompt has {len(prompt_ids)} tokens, but max_model_len is {max_len}: "
+                f"prompts may have at most {max_len - 1} tokens to leave room for output."
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name}={k} exceeds the vocabulary size ({vocab}).")
+        if not self.in_vocab(params.logit_bias or {}):
+            raise ValueError(
+                f"logit_bias token ids must be in [0, {vocab}) (the model's vocab size)."
+            )
+        room = max_len - len(prompt_ids)
+        if params.min_tokens > room:
+            raise ValueError(
+                f"min_tokens={params.min_tokens} cannot be reached: the prompt has "
+                f"{len(prompt_ids)} tokens and max_model_len is {max_len}."
+            )
+        return room if params.max_tokens is None else min(params.max_tokens, room)

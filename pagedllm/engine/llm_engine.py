@@ -16,7 +16,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceStatus
-from pagedllm.engine.input_processing import tokenize_prompt, validate_priority, validate_request
+from pagedllm.engine.input_processing import InputProcessor
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
@@ -32,11 +32,15 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        assert config.tokenizer is not None and config.model is not None
-        self.tokenizer = load_tokenizer(config.tokenizer)
-        self.generation_defaults = load_generation_defaults(config.model, self.tokenizer)
+        mc = config.model_config
+        assert mc.tokenizer is not None and mc.model is not None and mc.max_model_len is not None
+        self.tokenizer = load_tokenizer(mc.tokenizer)
+        self.generation_defaults = load_generation_defaults(mc.model, self.tokenizer)
+        self.input_processor = InputProcessor(config, self.tokenizer)
         self.runner = ModelRunner(config)
-        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.scheduler = Scheduler(
+            config.scheduler_config, config.cache_config, mc.max_model_len, self.runner.num_blocks
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
         self._pending_finished: list[Sequence] = []
@@ -52,12 +56,6 @@ class LLMEngine:
         self._next_id += 1
         return str(self._next_id - 1)
 
-    def tokenize(self, prompt: str | SequenceOf[int]) -> list[int]:
-        return tokenize_prompt(self.tokenizer, prompt)
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        return validate_request(self.config, prompt_ids, params)
-
     def add_request(
         self,
         request_id: str | None,
@@ -70,18 +68,17 @@ class LLMEngine:
         request_id = request_id if request_id is not None else self.new_request_id()
         if request_id in self._groups:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        validate_priority(self.config, priority)
         params = copy.copy(params) if params is not None else self.default_sampling_params()
         params.update_from_generation_config(self.generation_defaults.eos_token_ids)
-        prompt_ids = self.tokenize(prompt)
-        max_tokens = self.validate(prompt_ids, params)
+        inp = self.input_processor.process(prompt, params, priority)
+        prompt_ids = inp.prompt_token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [
             Sequence(
                 seq_id=request_id if i == 0 else f"{request_id}#{i}",
                 prompt_token_ids=prompt_ids,
                 params=params,
-                max_tokens=max_tokens,
+                max_tokens=inp.max_tokens,
                 request_id=request_id,
                 index=i,
                 priority=priority,
@@ -122,7 +119,7 @@ class LLMEngine:
         if self._pending_finished:
             op.finish(self._pending_finished)
             self._pending_finished = []
-        if not self.config.async_scheduling:
+        if not self.config.scheduler_config.async_scheduling:
             if self._inflight is not None:  # drain the step in flight first
                 self._complete(*self._inflight)
                 self._inflight = None

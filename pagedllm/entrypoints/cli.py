@@ -6,71 +6,28 @@ import argparse
 import logging
 import sys
 import time
+from typing import Any
 
-from pagedllm.config import DEMO_MODEL_DIR, SCHEDULING_POLICIES
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags, spelled like vLLM's."""
-    p.add_argument("--model", dest="model_flag", default=None, help="model directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument(
-        "--scheduling-policy",
-        default="fcfs",
-        choices=list(SCHEDULING_POLICIES),
-        help="fcfs: arrival order (requests with a priority are rejected); "
-        "priority: lower priority value first, then arrival",
-    )
-    p.add_argument("--num-gpu-blocks-override", dest="num_gpu_blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="schedule step N+1 while step N runs (default: on for CUDA)",
-    )
+from pagedllm.config.cli_args import add_engine_args, engine_kwargs_from_args
+from pagedllm.config.model import DEMO_MODEL_DIR
 
 
-def engine_kwargs(args: argparse.Namespace, model: str | None) -> dict:
-    return dict(
-        model=model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        scheduling_policy=args.scheduling_policy,
-        num_gpu_blocks=args.num_gpu_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        load_format=args.load_format,
-        seed=args.seed,
-        async_scheduling=args.async_scheduling,
-    )
+def generate_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``generate``'s ``EngineConfig`` keywords: the flags, and MODEL when it precedes PROMPT
+    (it wins over ``--model``)."""
+    kwargs = engine_kwargs_from_args(args)
+    if len(args.args) == 2:
+        kwargs["model"] = args.args[0]
+    return kwargs
 
 
 def _generate(args: argparse.Namespace) -> int:
     from pagedllm import LLM, SamplingParams
 
-    pos = args.args
-    if len(pos) == 2:
-        model, prompt = pos
-    elif len(pos) == 1:
-        model, prompt = args.model_flag, pos[0]
-    else:
+    if len(args.args) not in (1, 2):
         print("usage: pagedllm generate [MODEL] PROMPT [options]", file=sys.stderr)
         return 2
+    prompt = args.args[-1]
     params = SamplingParams(
         n=args.n,
         temperature=args.temperature,
@@ -83,7 +40,7 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         repetition_penalty=args.repetition_penalty,
     )
-    llm = LLM(**engine_kwargs(args, model))
+    llm = LLM(**generate_engine_kwargs(args))
     start = time.perf_counter()
     if args.chat:
         outs = llm.chat([{"role": "user", "content": prompt}], params, use_tqdm=False)

@@ -9,7 +9,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.input_processing import validate_priority
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.tokenizer import apply_chat_template
 from pagedllm.outputs import RequestOutput
@@ -65,7 +64,7 @@ class LLM:
             if len(priority) != len(items):
                 raise ValueError(f"Got {len(priority)} priorities for {len(items)} prompts.")
             for p in priority:  # before anything is queued (add_request checks it too)
-                validate_priority(self.llm_engine.config, p)
+                self.llm_engine.input_processor.check_priority(p)
         return self._run(items, params_list, use_tqdm, priority)
 
     def chat(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import ArchitectureConfig
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention.backend import AttentionMetadata
 from pagedllm.layers.attention.layer import Attention
@@ -29,7 +29,7 @@ class LlamaAttention(nn.Module):
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        cfg: ArchitectureConfig,
         qkv_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None,
@@ -75,7 +75,7 @@ class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: fused gate/up projection, SiLU(gate) * up, down projection."""
 
     def __init__(
-        self, cfg: ModelConfig, quant_config: QuantizationConfig | None, prefix: str
+        self, cfg: ArchitectureConfig, quant_config: QuantizationConfig | None, prefix: str
     ) -> None:
         super().__init__()
         size = cfg.intermediate_size
@@ -99,7 +99,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        cfg: ArchitectureConfig,
         qkv_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None,
@@ -135,7 +135,7 @@ class LlamaModel(nn.Module):
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        cfg: ArchitectureConfig,
         qkv_bias: bool,
         qk_norm: bool,
         quant_config: QuantizationConfig | None,
@@ -179,7 +179,9 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
+    def __init__(
+        self, cfg: ArchitectureConfig, quant_config: QuantizationConfig | None = None
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.quant_config = quant_config

@@ -135,20 +135,21 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 def load_model(config: EngineConfig) -> nn.Module:
     """Instantiate the model on the target device and dtype and load its weights."""
-    cls = get_model_cls(config.model_config)
+    mc = config.model_config
+    cls = get_model_cls(mc.arch)
     quant_config = get_quant_config(config)
-    assert config.model is not None
+    assert mc.model is not None
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(config.torch_dtype)
+    torch.set_default_dtype(mc.torch_dtype)
     try:
-        with torch.device(config.torch_device):
-            model = cls(config.model_config, quant_config=quant_config)
+        with torch.device(config.device_config.torch_device):
+            model = cls(mc.arch, quant_config=quant_config)
     finally:
         torch.set_default_dtype(default_dtype)
-    if config.load_format == "dummy":
-        _dummy_init(model, config.seed)
+    if mc.load_format == "dummy":
+        _dummy_init(model, mc.seed)
     else:
-        load_weights(model, iter_checkpoint(Path(config.model)))
+        load_weights(model, iter_checkpoint(Path(mc.model)))
     process_weights_after_loading(model)
     # Rotary tables stay fp32 whatever the weights' dtype.
     for module in model.modules():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pagedllm.config import ModelConfig
+from pagedllm.config import ArchitectureConfig
 from pagedllm.models.llama import LlamaForCausalLM, MistralForCausalLM
 from pagedllm.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -16,7 +16,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def get_model_cls(cfg: ModelConfig) -> type[nn.Module]:
+def get_model_cls(cfg: ArchitectureConfig) -> type[nn.Module]:
     if cfg.architecture not in MODEL_REGISTRY:
         raise ValueError(
             f"Model architecture {cfg.architecture!r} is not supported; supported "

@@ -24,9 +24,9 @@ _CPU_DEFAULT_BYTES = 2 * 2**30
 
 
 def _blocks_for_all_seqs(config: EngineConfig, spec: KVCacheSpec) -> int:
-    assert config.max_model_len is not None
-    per_seq = -(-config.max_model_len // spec.block_size)
-    return per_seq * config.max_num_seqs
+    assert config.model_config.max_model_len is not None
+    per_seq = -(-config.model_config.max_model_len // spec.block_size)
+    return per_seq * config.scheduler_config.max_num_seqs
 
 
 def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) -> int:
@@ -38,17 +38,18 @@ def determine_num_blocks(config: EngineConfig, spec: KVCacheSpec, runner: ModelR
     for the CUDA profile (its model, attention layers and backend).
     """
     per_block = spec.bytes_per_block
-    if config.num_gpu_blocks is not None:
-        return config.num_gpu_blocks
-    if config.kv_cache_memory_bytes is not None:
-        n = config.kv_cache_memory_bytes // per_block
+    cache = config.cache_config
+    if cache.num_gpu_blocks is not None:
+        return cache.num_gpu_blocks
+    if cache.kv_cache_memory_bytes is not None:
+        n = cache.kv_cache_memory_bytes // per_block
         if n < 1:
             raise ValueError(
-                f"kv_cache_memory_bytes={config.kv_cache_memory_bytes} is less than one KV block "
+                f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} is less than one KV block "
                 f"({per_block} bytes)."
             )
         return n
-    if config.torch_device.type != "cuda":
+    if config.device_config.torch_device.type != "cuda":
         return max(1, min(_CPU_DEFAULT_BYTES // per_block, _blocks_for_all_seqs(config, spec)))
     return _profile_cuda(config, spec, runner)
 
@@ -61,16 +62,17 @@ def _profile_cuda(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) 
     )
     from pagedllm.sampling_params import SamplingParams
 
-    assert config.max_num_batched_tokens is not None and config.max_model_len is not None
+    max_tokens = config.scheduler_config.max_num_batched_tokens
+    max_len = config.model_config.max_model_len
+    assert max_tokens is not None and max_len is not None
+    device = config.device_config.torch_device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     # A dummy step of max_num_batched_tokens tokens in sequences of at most max_model_len.
-    seq_len = min(config.max_num_batched_tokens, config.max_model_len)
-    n_seqs = max(1, config.max_num_batched_tokens // seq_len)
+    seq_len = min(max_tokens, max_len)
+    n_seqs = max(1, max_tokens // seq_len)
     blocks_per_seq = -(-seq_len // spec.block_size)
-    bind_kv_caches(
-        runner.attn_layers, runner.backend, spec, blocks_per_seq * n_seqs, config.torch_device
-    )
+    bind_kv_caches(runner.attn_layers, runner.backend, spec, blocks_per_seq * n_seqs, device)
     step = SchedulerOutput()
     params = SamplingParams(temperature=0.0)
     for i in range(n_seqs):
@@ -87,13 +89,13 @@ def _profile_cuda(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) 
     free, total = torch.cuda.mem_get_info()
     non_torch = total - free - torch.cuda.memory_reserved()
     per_block = spec.bytes_per_block
-    budget = total * config.gpu_memory_utilization - peak - max(non_torch, 0)
+    budget = total * config.cache_config.gpu_memory_utilization - peak - max(non_torch, 0)
     n = int(budget // per_block)
     logger.info(
         "GPU memory: total %.2f GiB, utilization %.2f, weights+activations peak %.2f GiB, "
         "other %.2f GiB -> %d KV blocks (%.2f GiB)",
         total / 2**30,
-        config.gpu_memory_utilization,
+        config.cache_config.gpu_memory_utilization,
         peak / 2**30,
         non_torch / 2**30,
         n,

@@ -40,15 +40,15 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = config.torch_device
+        self.device = config.device_config.torch_device
         self.model = load_model(config)
-        mc = config.model_config
+        mc = config.model_config.arch
         self.vocab_size = mc.vocab_size
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_spec = build_kv_cache_spec(config, self.attn_layers)
         self.block_size = self.kv_spec.block_size
         first = self.attn_layers[0]
-        self.backend = get_backend_cls(config.attention_backend, self.device)(
+        self.backend = get_backend_cls(config.device_config.attention_backend, self.device)(
             first.num_heads, first.num_kv_heads, first.head_dim, first.scale
         )
         for layer in self.attn_layers:
@@ -73,17 +73,17 @@ class ModelRunner:
             self.num_blocks * self.kv_spec.bytes_per_block / 2**20,
             self.kv_spec.dtype,
         )
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        use_graphs = self.device.type == "cuda" and not config.device_config.enforce_eager
         if use_graphs and not self.backend.supports_cuda_graphs:
             logger.info("Attention backend %r runs without CUDA graphs.", self.backend.name)
         elif use_graphs:
-            assert config.max_model_len is not None
+            assert config.model_config.max_model_len is not None
             self.graphs = DecodeGraphs(
                 self._forward,
                 self.backend.build_metadata,
-                max_batch=min(config.max_num_seqs, 512),
-                max_blocks_per_seq=-(-config.max_model_len // self.block_size),
-                max_seq_len=config.max_model_len,
+                max_batch=min(config.scheduler_config.max_num_seqs, 512),
+                max_blocks_per_seq=-(-config.model_config.max_model_len // self.block_size),
+                max_seq_len=config.model_config.max_model_len,
                 pad_block=self.num_blocks,
                 block_size=self.block_size,
                 device=self.device,

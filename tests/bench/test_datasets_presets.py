@@ -113,7 +113,7 @@ def test_preset_configs_validate_as_dummy(name: str) -> None:
             model=str(preset_dir(name)), load_format="dummy", device="cpu", dtype=dtype
         )
         layers, kv_heads, head_dim, hidden, vocab = _EXPECTED[name]
-        mc = cfg.model_config
+        mc = cfg.model_config.arch
         assert (mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim) == _EXPECTED[name][:3]
         assert (mc.hidden_size, mc.vocab_size) == (hidden, vocab)
         spec = KVCacheSpec.from_config(cfg)
@@ -127,7 +127,7 @@ def test_preset_configs_validate_as_dummy(name: str) -> None:
 
 
 def test_qwen25_preset_numbers() -> None:
-    mc = EngineConfig(model=str(preset_dir("qwen2.5-7b")), load_format="dummy").model_config
+    mc = EngineConfig(model=str(preset_dir("qwen2.5-7b")), load_format="dummy").model_config.arch
     assert mc.architecture == "Qwen2ForCausalLM"
     assert (mc.intermediate_size, mc.num_attention_heads, mc.max_position_embeddings) == (
         18944,
@@ -148,7 +148,7 @@ def test_materialized_preset_has_synthetic_tokenizer(tmp_path: Path) -> None:
     assert len(tok) == 128256 and tok.eos_token_id == 1 and tok.bos_token_id == 0
     assert tok.decode([5, 6, 7]) == "t5 t6 t7"
     cfg = EngineConfig(model=str(model_dir), tokenizer=str(tok_dir), load_format="dummy")
-    assert cfg.model_config.vocab_size == 128256
+    assert cfg.model_config.arch.vocab_size == 128256
 
 
 def test_bench_engine_kwargs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

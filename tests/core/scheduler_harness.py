@@ -86,7 +86,14 @@ def model_dir() -> str:
 
 
 def make_config(**kw: object) -> EngineConfig:
-    return EngineConfig(model=model_dir(), device="cpu", **kw)  # type: ignore[arg-type]
+    return EngineConfig(model=model_dir(), device="cpu", **kw)
+
+
+def scheduler_for(config: EngineConfig, num_blocks: int) -> Scheduler:
+    """The scheduler an engine with ``config`` and a pool of ``num_blocks`` blocks builds."""
+    max_model_len = config.model_config.max_model_len
+    assert max_model_len is not None
+    return Scheduler(config.scheduler_config, config.cache_config, max_model_len, num_blocks)
 
 
 def make_params(**kw: object) -> SamplingParams:
@@ -326,7 +333,7 @@ def seats_sched(max_num_seqs: int, num_blocks: int = 64, **kw: object) -> Schedu
     config = make_config(
         block_size=4, max_model_len=32, max_num_seqs=max_num_seqs, max_num_batched_tokens=64, **kw
     )
-    return Scheduler(config, num_blocks)
+    return scheduler_for(config, num_blocks)
 
 
 def scheduled_steps(h: Harness, seq_id: str) -> list[int]:

@@ -23,7 +23,15 @@ from hypothesis import strategies as st
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.sequence import Sequence, SequenceStatus
-from tests.core.scheduler_harness import STOP, Harness, Inflight, advance, make_config, make_params
+from tests.core.scheduler_harness import (
+    STOP,
+    Harness,
+    Inflight,
+    advance,
+    make_config,
+    make_params,
+    scheduler_for,
+)
 from tests.core.scheduler_invariants import check_state, check_step
 
 # ---- workload description ------------------------------------------------------------------
@@ -201,7 +209,7 @@ def make_scheduler(cfg: SimConfig) -> Scheduler:
         enable_prefix_caching=cfg.prefix_caching,
         scheduling_policy=cfg.policy,
     )
-    return Scheduler(config, cfg.num_blocks)
+    return scheduler_for(config, cfg.num_blocks)
 
 
 def simulate(cfg: SimConfig, groups: list[GroupSpec], lag: bool = False) -> SimResult:

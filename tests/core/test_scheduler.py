@@ -13,9 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.sequence import SequenceStatus
-from tests.core.scheduler_harness import Harness, each_engine_mode, make_config, seats_sched
+from tests.core.scheduler_harness import (
+    Harness,
+    each_engine_mode,
+    make_config,
+    scheduler_for,
+    seats_sched,
+)
 from tests.core.scheduler_workloads import (
     GroupSpec,
     SimConfig,
@@ -45,7 +50,7 @@ def test_add_sequence_rejects_sequences_that_can_never_fit(
     cfg = SimConfig(bs, max_model_len, True, 8, 4, True, 0)
     need = blocks_needed(g, cfg)
     num_blocks = data.draw(st.integers(1, need + 2))
-    sched = Scheduler(
+    sched = scheduler_for(
         make_config(block_size=bs, max_model_len=max_model_len, max_num_batched_tokens=8),
         num_blocks,
     )

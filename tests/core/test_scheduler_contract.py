@@ -12,7 +12,6 @@ from collections import defaultdict
 
 import pytest
 
-from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.sequence import Sequence, SequenceStatus
 from tests.core.scheduler_harness import (
     CHUNKED,
@@ -23,6 +22,7 @@ from tests.core.scheduler_harness import (
     make_config,
     make_params,
     scheduled_steps,
+    scheduler_for,
     seats_sched,
     spans_of,
 )
@@ -132,7 +132,7 @@ def test_forked_siblings_are_sent_once_with_the_leaders_first_token(
         max_num_batched_tokens=4 if chunked else 32,
         enable_chunked_prefill=chunked,
     )
-    h = Harness(Scheduler(config, 64), lag)
+    h = Harness(scheduler_for(config, 64), lag)
     other = build_group(GroupSpec("o", [1, 2], 4, 1, 0, 0, None, [None]), 32)
     group = build_group(GroupSpec("a", [0, 1, 2] * 3 + [0], 3, 4, 0, 1, None, [None] * 4), 32)
     h.sched.add_sequence(other[0])

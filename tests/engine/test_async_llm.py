@@ -217,8 +217,10 @@ async def test_invalid_requests(llm: AsyncLLM, tiny_tokenizer) -> None:  # type:
             await collect(llm.generate(prompt, ok, f"bad-{i}"))
     with pytest.raises(ValueError, match="logprobs"):
         await collect(llm.generate([5], SamplingParams(logprobs=10**7), "bad-lp"))
-    with pytest.raises(ValueError):
-        llm.validate([], ok)
+    with pytest.raises(ValueError, match="empty"):
+        llm.input_processor.check_prompt([], ok)
+    with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+        await collect(llm.generate([5], ok, "bad-priority", priority=2))
     # Accepted by the API process, rejected by the engine (can never fit in 48 KV blocks).
     too_long = SamplingParams(temperature=0.0, max_tokens=None)
     with pytest.raises(ValueError, match="KV"):

@@ -33,7 +33,7 @@ def hf_outputs() -> list[list[int]]:
 
 def test_default_model_is_the_demo_model() -> None:
     llm = LLM()
-    assert llm.llm_engine.config.model == str(DEMO_MODEL_DIR)
+    assert llm.llm_engine.config.model_config.model == str(DEMO_MODEL_DIR)
 
 
 def test_greedy_matches_transformers(hf_outputs) -> None:  # type: ignore[no-untyped-def]

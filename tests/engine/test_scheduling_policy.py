@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedllm import LLM, EngineConfig, SamplingParams
-from pagedllm.engine.input_processing import validate_priority
-from pagedllm.entrypoints.cli import build_parser, engine_kwargs
+from pagedllm import LLM, SamplingParams
 from pagedllm.outputs import RequestOutput
 from tests.fixtures.tiny_models import random_prompts
 
@@ -124,7 +122,7 @@ def test_a_lone_group_wider_than_the_batch_finishes(llama_dir: Path) -> None:
 
 def test_fcfs_rejects_a_priority(llama_dir: Path) -> None:
     llm = LLM(str(llama_dir))
-    assert llm.llm_engine.config.scheduling_policy == "fcfs"
+    assert llm.llm_engine.config.scheduler_config.scheduling_policy == "fcfs"
     engine = llm.llm_engine
     needle = r"priority 3 but priority scheduling is not enabled \(--scheduling-policy priority\)"
     with pytest.raises(ValueError, match=needle):
@@ -134,16 +132,6 @@ def test_fcfs_rejects_a_priority(llama_dir: Path) -> None:
     assert not engine.has_unfinished_requests()
     out = llm.generate([[5, 6], [7, 8]], SamplingParams(max_tokens=2), priority=[0, 0])
     assert len(out) == 2
-
-
-def test_validate_priority(llama_dir: Path) -> None:
-    fcfs = EngineConfig(model=str(llama_dir), device="cpu")
-    prio = EngineConfig(model=str(llama_dir), device="cpu", scheduling_policy="priority")
-    validate_priority(fcfs, 0)
-    for p in (-5, 0, 7):
-        validate_priority(prio, p)
-    with pytest.raises(ValueError, match="Got priority -1 but"):
-        validate_priority(fcfs, -1)
 
 
 @pytest.mark.parametrize(
@@ -168,12 +156,3 @@ def test_policy_orders_requests(
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == [ids[i] for i in order]
-
-
-def test_cli_flag(llama_dir: Path) -> None:
-    args = build_parser().parse_args(["generate", "hi", "--scheduling-policy", "priority"])
-    assert engine_kwargs(args, str(llama_dir))["scheduling_policy"] == "priority"
-    args = build_parser().parse_args(["generate", "hi"])
-    assert engine_kwargs(args, None)["scheduling_policy"] == "fcfs"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "hi", "--scheduling-policy", "lifo"])

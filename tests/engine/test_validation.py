@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pagedllm import LLM, EngineConfig, SamplingParams
+from pagedllm import LLM, SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -30,21 +30,6 @@ from pagedllm import LLM, EngineConfig, SamplingParams
 def test_invalid_sampling_params(kw, needle) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=needle):
         SamplingParams(**kw)
-
-
-def test_engine_config_errors(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="not a local directory"):
-        EngineConfig(model=str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="max_model_len must be in"):
-        EngineConfig(model=str(llama_dir), max_model_len=10**7)
-    with pytest.raises(ValueError, match="block_size"):
-        EngineConfig(model=str(llama_dir), block_size=3)
-    with pytest.raises(ValueError, match="dtype"):
-        EngineConfig(model=str(llama_dir), dtype="int3")
-    with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        EngineConfig(model=str(llama_dir), gpu_memory_utilization=1.5)
-    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority; got"):
-        EngineConfig(model=str(llama_dir), scheduling_policy="lifo")
 
 
 def test_unsupported_architecture_names_supported_list(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -153,7 +153,9 @@ def test_fake_quant_method_plugs_in_through_the_hook(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(quant, "QUANTIZATION_METHODS", {})
     quant.register_quantization_config("fake")(_FakeConfig)
     engine_cfg = types.SimpleNamespace(
-        model_config=types.SimpleNamespace(raw={"quantization_config": {"quant_method": "FAKE"}})
+        model_config=types.SimpleNamespace(
+            arch=types.SimpleNamespace(raw={"quantization_config": {"quant_method": "FAKE"}})
+        )
     )
     cfg = quant.get_quant_config(engine_cfg)  # type: ignore[arg-type]
     assert isinstance(cfg, _FakeConfig)

@@ -45,7 +45,7 @@ def test_spec_numbers(preset, dtype, tp, heads, per_token) -> None:  # type: ign
     for rank in range(tp):
         spec = KVCacheSpec.from_config(cfg, tp_rank=rank, tp_size=tp)
         assert spec.num_kv_heads == heads and spec.dtype == dtype
-        assert spec.num_layers == cfg.model_config.num_hidden_layers and spec.block_size == 32
+        assert spec.num_layers == cfg.model_config.arch.num_hidden_layers and spec.block_size == 32
         assert spec.bytes_per_token == per_token
         assert spec.bytes_per_block == per_token * 32
 
@@ -105,7 +105,7 @@ def test_allocation_matches_spec(llama_dir, dtype) -> None:  # type: ignore[no-u
     cfg = EngineConfig(model=str(llama_dir), device="cpu", dtype=dtype, num_gpu_blocks=7)
     runner = ModelRunner(cfg)
     spec = runner.kv_spec
-    mc = cfg.model_config
+    mc = cfg.model_config.arch
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (
         mc.num_hidden_layers,
         mc.num_key_value_heads,

@@ -76,7 +76,7 @@ def served_model_names(args: Any, engine: AsyncLLM) -> list[str]:
     if names:
         return list(names)
     model = getattr(args, "model", None) or getattr(args, "model_flag", None)
-    return [str(model or engine.config.model)]
+    return [str(model or engine.config.model_config.model)]
 
 
 def _model_root(args: Any, names: list[str]) -> str:
@@ -155,7 +155,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
 
     @app.get("/v1/models", responses=get_responses())
     async def models() -> ModelList:
-        max_len = engine.config.max_model_len
+        max_len = engine.input_processor.max_model_len
         root = _model_root(args, names)
         return ModelList(data=[ModelCard(id=n, root=root, max_model_len=max_len) for n in names])
 
@@ -210,8 +210,8 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         reject_unsupported(body)
         chat.model_name(body.model)
-        vocab = engine.config.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
+        if not engine.input_processor.in_vocab(body.tokens):
+            vocab = engine.input_processor.vocab_size
             raise bad_request(f"Token ids must be in [0, {vocab}).", "tokens")
         text = await chat.off_loop(engine.tokenizer.decode, body.tokens)
         return DetokenizeResponse(prompt=str(text))

@@ -20,8 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pagedllm.config import DEMO_MODEL_DIR
-from pagedllm.entrypoints.cli import add_engine_args, engine_kwargs
+from pagedllm.config.cli_args import add_engine_args, engine_kwargs_from_args
+from pagedllm.config.model import DEMO_MODEL_DIR
 from pagedllm.entrypoints.openai.auth import add_auth_args
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL")
     add_engine_args(p)
-    if "--tokenizer" not in p._option_string_actions:  # unless the shared engine flags have it
-        p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL)")
-    if "--enforce-eager" not in p._option_string_actions:
-        p.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0")
     g.add_argument("--port", type=int, default=8000)
@@ -159,6 +155,14 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def serve_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve``'s ``EngineConfig`` keywords: the flags, with the positional MODEL winning over
+    ``--model``."""
+    kwargs = engine_kwargs_from_args(args)
+    kwargs["model"] = args.model or args.model_flag
+    return kwargs
+
+
 def _check(args: argparse.Namespace) -> None:
     checks = [
         (args.max_request_body_bytes >= 1, "--max-request-body-bytes must be >= 1"),
@@ -216,10 +220,7 @@ def serve(args: argparse.Namespace) -> int:
     args.chat_template = _load_chat_template(args.chat_template)
     _setup_logging()
 
-    kwargs = engine_kwargs(args, model)
-    kwargs.setdefault("tokenizer", args.tokenizer)
-    kwargs.setdefault("enforce_eager", args.enforce_eager)
-    config = EngineConfig(**kwargs)
+    config = EngineConfig(**serve_engine_kwargs(args))
     try:
         engine = AsyncLLM.from_config(
             config,

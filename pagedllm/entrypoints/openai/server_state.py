@@ -55,9 +55,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        value = self.engine.config.max_model_len
-        assert value is not None
-        return value
+        return self.engine.input_processor.max_model_len
 
     @property
     def max_prompt_chars(self) -> int:

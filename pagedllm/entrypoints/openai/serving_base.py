@@ -18,7 +18,6 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from pagedllm.engine.input_processing import validate_priority
 from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker, TokenCount
 from pagedllm.entrypoints.openai.errors import APIError, bad_request
 from pagedllm.entrypoints.openai.logprobs import TokenBytes
@@ -50,6 +49,7 @@ class OpenAIServing:
         self.state = state
         self.engine = state.engine
         self.tokenizer = state.engine.tokenizer
+        self.processor = state.engine.input_processor  # the engine's request checks
         self.token_bytes = TokenBytes(self.tokenizer)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -82,7 +82,7 @@ class OpenAIServing:
         if req.n > self.state.max_n:
             raise bad_request(f"n must be at most {self.state.max_n}, got {req.n}.", "n")
         try:
-            validate_priority(self.engine.config, req.priority)
+            self.processor.check_priority(req.priority)
         except ValueError as e:
             raise bad_request(str(e), "priority") from None
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -95,10 +95,10 @@ class OpenAIServing:
                 )
             check_unicode(s, "stop")
         ids = req.stop_token_ids or []
-        vocab = self.engine.config.model_config.vocab_size
-        if len(ids) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < vocab for t in ids):
+        if len(ids) > MAX_STOP_TOKEN_IDS or not self.processor.in_vocab(ids):
             raise bad_request(
-                f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, each in [0, {vocab}).",
+                f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, each in "
+                f"[0, {self.processor.vocab_size}).",
                 "stop_token_ids",
             )
 
@@ -138,7 +138,7 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
-                logit_bias=_logit_bias(req.logit_bias, self.engine.config.model_config.vocab_size),
+                logit_bias=_logit_bias(req.logit_bias, self.processor.vocab_size),
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 output_kind=kind,
@@ -167,7 +167,9 @@ class OpenAIServing:
     def check_prompt(
         self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None, param: str
     ) -> None:
-        """400 unless the prompt fits and ``prompt + max_tokens <= max_model_len``."""
+        """400 unless the request can run: first the context-length errors in OpenAI's wording
+        (``min_tokens`` / ``max_tokens`` past ``max_model_len``; the engine caps ``max_tokens``
+        instead), then the engine's own checks (``InputProcessor.check_prompt``)."""
         limit = self.state.max_model_len
         if params.min_tokens and len(prompt_ids) + params.min_tokens > limit:
             raise bad_request(
@@ -186,7 +188,7 @@ class OpenAIServing:
                 code="context_length_exceeded",
             )
         try:
-            self.engine.validate(prompt_ids, params)
+            self.processor.check_prompt(prompt_ids, params)
         except ValueError as e:
             code = "context_length_exceeded" if len(prompt_ids) >= limit else None
             raise bad_request(str(e), param=param, code=code) from e

@@ -69,17 +69,12 @@ class CompletionServing(OpenAIServing):
         return raw
 
     def _tokenize(self, raw: list[str | list[int]]) -> list[list[int]]:
-        """Token ids of every prompt (runs in the tokenizer pool)."""
+        """Token ids of every prompt (runs in the tokenizer pool; ``check_prompt`` checks them)."""
         out: list[list[int]] = []
         for p in raw:
             if isinstance(p, str):
                 check_unicode(p, "prompt")
-                ids = list(self.tokenizer.encode(p))
-            else:
-                ids = list(p)
-            if not ids:
-                raise bad_request("A prompt must have at least one token.", "prompt")
-            out.append(ids)
+            out.append(self.processor.tokenize(p))
         return out
 
     def _prompt_text(self, prompt: str | list[int] | list[str] | list[list[int]], i: int) -> str:

@@ -51,7 +51,7 @@ def register_quantization_config(name: str) -> Callable[[_C], _C]:
 
 def get_quant_config(config: EngineConfig) -> QuantizationConfig | None:
     """The quantization config of the model in ``config`` (``None``: not quantized)."""
-    section = config.model_config.raw.get("quantization_config")
+    section = config.model_config.arch.raw.get("quantization_config")
     if not section:
         return None
     name = str(section.get("quant_method", "")).lower()

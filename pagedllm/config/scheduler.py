@@ -1,0 +1,72 @@
+"""`SchedulerConfig`: the per-step limits and the order in which requests are served.
+
+The scheduler (``core/scheduler.py``) reads this group, the ``CacheConfig`` and the resolved
+``max_model_len``, nothing else. Two of its fields are resolved by ``EngineConfig`` because
+they depend on other groups: ``max_num_batched_tokens`` (unset: see
+``default_max_num_batched_tokens``, which needs ``max_model_len``) and ``async_scheduling``
+(unset: on for CUDA, off for CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.config.utils import check_at_least, check_choice
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+# Tokens per step with chunked prefill when max_num_batched_tokens is unset. The same number on
+# every device today (the CUDA default; tune it here, the one place it is written).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def default_max_num_batched_tokens(
+    max_num_seqs: int, max_model_len: int, enable_chunked_prefill: bool
+) -> int:
+    """The step token budget when none is set: ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` with chunked
+    prefill; without it a whole prompt must fit in one step, so at least ``max_model_len``.
+    Never fewer than ``max_num_seqs``, so every running sequence can decode each step."""
+    if enable_chunked_prefill:
+        return max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+    return max(max_model_len, max_num_seqs)
+
+
+@dataclass
+class SchedulerConfig:
+    """Scheduler: batch limits, scheduling policy, chunked prefill and async scheduling."""
+
+    max_num_seqs: int = field(
+        default=256, metadata={"help": "most sequences running (holding KV blocks) at once"}
+    )
+    max_num_batched_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "most tokens computed in one step",
+            "default_help": f"{DEFAULT_MAX_NUM_BATCHED_TOKENS} with chunked prefill, else "
+            "max_model_len; at least max_num_seqs",
+        },
+    )
+    scheduling_policy: str = field(
+        default="fcfs",
+        metadata={
+            "help": "fcfs: arrival order (requests with a priority are rejected); "
+            "priority: lower priority value first, then arrival",
+            "choices": SCHEDULING_POLICIES,
+        },
+    )
+    enable_chunked_prefill: bool = field(
+        default=True,
+        metadata={"help": "split long prompts over several steps, beside running decodes"},
+    )
+    async_scheduling: bool | None = field(
+        default=None,
+        metadata={
+            "help": "schedule step N+1 while step N runs",
+            "default_help": "on for CUDA, off for CPU",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_at_least(self, "max_num_seqs", 1)
+        check_choice(self, "scheduling_policy")
+        check_at_least(self, "max_num_batched_tokens", 1)
