@@ -10,14 +10,13 @@ were asked for. One host sync per step reads back the sampled ids (and logprobs 
 from __future__ import annotations
 
 import logging
-from itertools import chain
 
 import numpy as np
 import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from pagedllm.device_utils import h2d
+from pagedllm.device_utils import h2d, h2d_packed
 from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.fused import use_fused
@@ -29,7 +28,7 @@ from pagedllm.worker.kv_cache_spec import bind_kv_caches, build_kv_cache_spec
 from pagedllm.worker.kv_pool_size import determine_num_blocks
 from pagedllm.worker.linear_tuning import tune_skinny_linears
 from pagedllm.worker.sequence_states import SequenceStates
-from pagedllm.worker.step_inputs import prepare_step_inputs
+from pagedllm.worker.step_inputs import StepInputs, prepare_step_inputs
 from pagedllm.worker.step_output import StepHandle, logprob_rows
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "StepHandle", "TokenLogprobs"]
@@ -117,15 +116,7 @@ class ModelRunner:
             assert self._last_sampled is not None
             src = self._last_sampled[h2d(inp.fix_src, torch.int64, self.device)]
             fixups = (h2d(inp.fix_rows, torch.int64, self.device), src)
-        hidden = self._run_model(
-            inp.ids_parts,
-            inp.pos_parts,
-            inp.slot_parts,
-            inp.query_start,
-            inp.seq_lens,
-            inp.block_tables,
-            fixups,
-        )
+        hidden = self._run_model(inp, fixups)
         rows = inp.logit_rows
         if not rows:
             return handle.seal()
@@ -146,44 +137,37 @@ class ModelRunner:
         return handle.seal()
 
     def _run_model(
-        self,
-        ids_parts: list[list[int]],
-        pos_parts: list[np.ndarray],
-        slot_parts: list[np.ndarray],
-        query_start: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-        fixups: tuple[torch.Tensor, torch.Tensor] | None,
+        self, inp: StepInputs, fixups: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        input_ids = torch.from_numpy(np.fromiter(chain.from_iterable(ids_parts), np.int64))
-        positions = torch.from_numpy(np.concatenate(pos_parts))
-        slots = torch.from_numpy(np.concatenate(slot_parts))
-        width = max(len(t) for t in block_tables)
-        table = np.zeros((len(block_tables), width), dtype=np.int32)
-        for i, t in enumerate(block_tables):
-            table[i, : len(t)] = t
-        tables = torch.from_numpy(table)
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
-        num_seqs = len(seq_lens)
-        decode = query_start[-1] == num_seqs
-        if self.graphs is not None and decode and num_seqs <= self.graphs.max_batch:
-            return self.graphs.run(input_ids, positions, slots, lens, tables, fixups)
+        num_seqs = inp.seq_lens.shape[0]
+        if self.graphs is not None and inp.is_decode and num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(
+                inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens, inp.block_tables,
+                fixups,
+            )  # fmt: skip
         dev = self.device
+        ids, positions, slots = h2d_packed(
+            [inp.input_ids, inp.positions, inp.slot_mapping], torch.int64, dev
+        )
+        query_start, seq_lens, tables = h2d_packed(
+            [inp.query_start, inp.seq_lens, inp.block_tables], torch.int32, dev
+        )
+        query_start_cpu = inp.query_start.tolist()
+        seq_lens_cpu = inp.seq_lens.tolist()
         common = AttentionMetadata(
-            slot_mapping=h2d(slots, torch.int64, dev),
-            query_start_loc=h2d(query_start, torch.int32, dev),
-            seq_lens=h2d(lens, torch.int32, dev),
-            block_tables=h2d(tables, torch.int32, dev),
-            max_query_len=max(b - a for a, b in zip(query_start, query_start[1:], strict=False)),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=slots,
+            query_start_loc=query_start,
+            seq_lens=seq_lens,
+            block_tables=tables,
+            max_query_len=int(np.diff(inp.query_start).max()),
+            max_seq_len=max(seq_lens_cpu),
+            query_start_loc_cpu=query_start_cpu,
+            seq_lens_cpu=seq_lens_cpu,
         )
         meta = self.backend.build_metadata(common)
-        ids_dev = h2d(input_ids, torch.int64, dev)
         if fixups is not None:
-            ids_dev[fixups[0]] = fixups[1]
-        return self._forward(ids_dev, h2d(positions, torch.int64, dev), meta)
+            ids[fixups[0]] = fixups[1]
+        return self._forward(ids, positions, meta)
 
     def _sample(
         self,

@@ -1,11 +1,12 @@
 """The worker's own copy of every live sequence, kept up to date from the step contract.
 
-A sequence's state (sampling parameters, generator, token ids, block table) is created when the
-scheduler first sends it (``NewSequenceData``), updated from each step's diffs
-(``ScheduledSequence``: new tokens the host learnt, new or replaced blocks) and dropped when the
-scheduler reports it finished. It survives preemption: the generator keeps its position, so a
-seeded sequence samples the same tokens whether or not it was preempted. Nothing here reads
-scheduler objects, so a worker in another process can keep the same state from the same steps.
+A sequence's state (sampling parameters, generator, token ids, its row of the persistent block
+table in ``block_table.py``) is created when the scheduler first sends it (``NewSequenceData``),
+updated from each step's diffs (``ScheduledSequence``: new tokens the host learnt, new or
+replaced blocks) and dropped when the scheduler reports it finished. It survives preemption:
+the generator keeps its position, so a seeded sequence samples the same tokens whether or not
+it was preempted. Nothing here reads scheduler objects, so a worker in another process can keep
+the same state from the same steps.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from pagedllm.core.scheduler_output import NewSequenceData, ScheduledSequence, SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.block_table import BlockTable
 
 
 @dataclass(eq=False)
@@ -29,8 +31,13 @@ class WorkerSequence:
     params: SamplingParams
     prompt_token_ids: list[int]
     generator: torch.Generator | None
+    table: BlockTable = field(repr=False)
+    row: int  # the sequence's row in ``table``
     output_token_ids: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self.table.ids(self.row)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -61,6 +68,7 @@ class SequenceStates:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seqs: dict[str, WorkerSequence] = {}
+        self.block_table = BlockTable()
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -71,7 +79,9 @@ class SequenceStates:
     def apply(self, step: SchedulerOutput) -> None:
         """Bring every state up to the start of ``step``."""
         for seq_id in step.finished_seq_ids:
-            self.seqs.pop(seq_id, None)
+            seq = self.seqs.pop(seq_id, None)
+            if seq is not None:
+                self.block_table.free_row(seq.row)
         for new in step.new_sequences:
             self._add(new)
         for sched in step.scheduled:
@@ -87,12 +97,14 @@ class SequenceStates:
             params=new.params,
             prompt_token_ids=list(new.prompt_token_ids),
             generator=gen,
+            table=self.block_table,
+            row=self.block_table.add_row(),
         )
 
     def _update(self, sched: ScheduledSequence) -> None:
         seq = self.seqs[sched.seq_id]
         seq.output_token_ids.extend(sched.new_token_ids)
         if sched.reset_blocks:
-            seq.block_ids = list(sched.block_ids)
+            self.block_table.set(seq.row, sched.block_ids)
         else:
-            seq.block_ids.extend(sched.block_ids)
+            self.block_table.append(seq.row, sched.block_ids)

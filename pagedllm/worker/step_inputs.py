@@ -21,14 +21,15 @@ from pagedllm.worker.sequence_states import SequenceStates
 
 @dataclass
 class StepInputs:
-    """Host-side inputs of one step (see the module doc)."""
+    """Host-side inputs of one step (see the module doc); arrays have one entry per input row
+    (token) or per scheduled span."""
 
-    ids_parts: list[list[int]] = field(default_factory=list)
-    pos_parts: list[np.ndarray] = field(default_factory=list)
-    slot_parts: list[np.ndarray] = field(default_factory=list)
-    query_start: list[int] = field(default_factory=lambda: [0])
-    seq_lens: list[int] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)
+    input_ids: np.ndarray  # [T] int64; rows in fix_rows hold 0 until patched on the device
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64: block * block_size + offset of each token's KV
+    query_start: np.ndarray  # [B + 1] int32: span b is rows [query_start[b], query_start[b+1])
+    seq_lens: np.ndarray  # [B] int32: context length of each span after this step
+    block_tables: np.ndarray  # [B, W] int32, W = blocks covering the longest context
     # Input rows whose token is the previous step's sample, and its row in that step's output.
     fix_rows: list[int] = field(default_factory=list)
     fix_src: list[int] = field(default_factory=list)
@@ -42,6 +43,15 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """Every span computes exactly one token."""
+        return self.input_ids.shape[0] == self.seq_lens.shape[0]
+
 
 def prepare_step_inputs(
     step: SchedulerOutput,
@@ -50,41 +60,55 @@ def prepare_step_inputs(
     last_rows: dict[str, int],
 ) -> StepInputs:
     """Flat inputs of ``step``; ``last_rows`` maps sequence id -> row of the previous step's
-    sampled ids (for tokens still on the device)."""
-    inp = StepInputs()
-    for sched in step.scheduled:
+    sampled ids (for tokens still on the device).
+
+    One Python pass over the spans collects what only the sequences know (token ids, rows of
+    the block table, which rows sample); positions, KV slots and block tables are then
+    vectorized over the whole batch.
+    """
+    num = len(step.scheduled)
+    rows = np.empty(num, dtype=np.int64)
+    starts = np.empty(num, dtype=np.int64)
+    counts = np.empty(num, dtype=np.int64)
+    ids: list[int] = []
+    fix_rows: list[int] = []
+    fix_src: list[int] = []
+    logit_rows: list[int] = []
+    sample_rows: list[SamplingRow] = []
+    sample_src: list[int] = []
+    sample_ids: list[str] = []
+    prompt_spans: list[tuple[str, int, int, int]] = []
+    prompt_rows: list[int] = []
+    prompt_targets: list[int] = []
+    total = 0
+    for b, sched in enumerate(step.scheduled):
         seq = states[sched.seq_id]
-        start, end = sched.num_computed_tokens, sched.end
-        row0 = inp.query_start[-1]
-        ids = seq.tokens(start, end)
-        if len(ids) < end - start:  # the last token is still on the device
-            missing = end - start - len(ids)
+        start, count = sched.num_computed_tokens, sched.num_new_tokens
+        end = start + count
+        rows[b], starts[b], counts[b] = seq.row, start, count
+        num_prompt = len(seq.prompt_token_ids)
+        known = seq.tokens(start, end)
+        ids.extend(known)
+        if len(known) < count:  # the last token is still on the device
+            missing = count - len(known)
             assert missing == 1, f"{sched.seq_id}: {missing} tokens missing on the worker"
-            ids = ids + [0]
-            inp.fix_rows.append(row0 + end - start - 1)
-            inp.fix_src.append(last_rows[sched.seq_id])
-        inp.ids_parts.append(ids)
-        pos = np.arange(start, end, dtype=np.int64)
-        table = np.asarray(seq.block_ids, dtype=np.int64)
-        inp.pos_parts.append(pos)
-        inp.slot_parts.append(table[pos // block_size] * block_size + pos % block_size)
-        inp.query_start.append(row0 + end - start)
-        inp.seq_lens.append(end)
-        inp.block_tables.append(seq.block_ids)
+            ids.append(0)
+            fix_rows.append(total + count - 1)
+            fix_src.append(last_rows[sched.seq_id])
         k = seq.params.prompt_logprobs
-        num_prompt = seq.num_prompt_tokens
         if k is not None and seq.index == 0 and start < num_prompt - 1:
             stop = min(end, num_prompt - 1)
-            inp.prompt_spans.append((seq.seq_id, start, stop - start, k))
-            first = len(inp.logit_rows)
-            inp.prompt_rows.extend(range(first, first + stop - start))
-            inp.logit_rows.extend(range(row0, row0 + stop - start))
-            inp.prompt_targets.extend(seq.prompt_token_ids[start + 1 : stop + 1])
-        if sched.samples:
-            inp.logit_rows.append(inp.query_start[-1] - 1)
+            prompt_spans.append((seq.seq_id, start, stop - start, k))
+            first = len(logit_rows)
+            prompt_rows.extend(range(first, first + stop - start))
+            logit_rows.extend(range(total, total + stop - start))
+            prompt_targets.extend(seq.prompt_token_ids[start + 1 : stop + 1])
+        total += count
+        if sched.sample_seq_ids:
+            logit_rows.append(total - 1)
             for sid in sched.sample_seq_ids:
-                target = states[sid]
-                inp.sample_rows.append(
+                target = seq if sid == sched.seq_id else states[sid]
+                sample_rows.append(
                     SamplingRow(
                         target.params,
                         target.prompt_token_ids,
@@ -94,6 +118,37 @@ def prepare_step_inputs(
                         logit_bias=target.params.logit_bias,
                     )
                 )
-                inp.sample_src.append(len(inp.logit_rows) - 1)
-                inp.sample_ids.append(sid)
-    return inp
+                sample_src.append(len(logit_rows) - 1)
+                sample_ids.append(sid)
+
+    query_start = np.zeros(num + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start[1:])
+    seq_lens = starts + counts
+    if total == num:  # decode: one token per span
+        positions, token_rows = starts, rows
+    else:
+        offsets = np.repeat(starts - query_start[:-1], counts)
+        positions = offsets + np.arange(total, dtype=np.int64)
+        token_rows = np.repeat(rows, counts)
+    table = states.block_table.array
+    slots = table[token_rows, positions // block_size].astype(np.int64)
+    slots *= block_size
+    slots += positions % block_size
+    width = -(-int(seq_lens.max()) // block_size) if num else 0
+    return StepInputs(
+        input_ids=np.array(ids, dtype=np.int64),
+        positions=positions,
+        slot_mapping=slots,
+        query_start=query_start,
+        seq_lens=seq_lens.astype(np.int32),
+        block_tables=table[rows, :width],
+        fix_rows=fix_rows,
+        fix_src=fix_src,
+        logit_rows=logit_rows,
+        sample_rows=sample_rows,
+        sample_src=sample_src,
+        sample_ids=sample_ids,
+        prompt_spans=prompt_spans,
+        prompt_rows=prompt_rows,
+        prompt_targets=prompt_targets,
+    )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import json
 import pickle
 import shutil
@@ -242,16 +243,23 @@ class Harness:
                 assert sid in replica.seqs, f"{sid} sampled but unknown to the worker"
         # The worker's flat inputs: token ids (fixups patched in), positions and KV slots.
         inp = prepare_step_inputs(wire, replica, bs, self.last_rows)
-        flat = [t for part in inp.ids_parts for t in part]
+        flat = inp.input_ids.tolist()
         self.num_fixups += len(inp.fix_rows)
         for row, src in zip(inp.fix_rows, inp.fix_src, strict=True):
             flat[row] = self.last_sampled[src]
         assert flat == [t for part in truth for t in part], "the worker computes wrong tokens"
-        assert inp.seq_lens == [s.end for s in out.scheduled]
-        for s, pos, slots in zip(out.scheduled, inp.pos_parts, inp.slot_parts, strict=True):
+        assert inp.seq_lens.tolist() == [s.end for s in out.scheduled]
+        starts = inp.query_start.tolist()
+        assert starts == [0, *itertools.accumulate(s.num_new_tokens for s in out.scheduled)]
+        assert inp.block_tables.shape[1] == cdiv(max((s.end for s in out.scheduled), default=0), bs)
+        for i, s in enumerate(out.scheduled):
             table = sched.kv.block_ids(s.seq_id)
-            assert pos.tolist() == list(range(s.num_computed_tokens, s.end))
-            assert slots.tolist() == [table[p // bs] * bs + p % bs for p in pos.tolist()]
+            pos = inp.positions[starts[i] : starts[i + 1]].tolist()
+            slots = inp.slot_mapping[starts[i] : starts[i + 1]].tolist()
+            assert pos == list(range(s.num_computed_tokens, s.end))
+            assert slots == [table[p // bs] * bs + p % bs for p in pos]
+            used = cdiv(s.end, bs)
+            assert inp.block_tables[i, :used].tolist() == table[:used], f"{s.seq_id}: table row"
         rows = [(s, sid) for s in out.scheduled for sid in s.sample_seq_ids]
         assert inp.sample_ids == [sid for _, sid in rows]
         for (s, sid), row in zip(rows, inp.sample_rows, strict=True):
