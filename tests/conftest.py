@@ -11,7 +11,8 @@ Fixtures (all session-scoped, built once under ``tmp_path_factory``):
   ``@pytest.mark.parametrize("tiny_model_dir", ARCHES, indirect=True)``.
 * ``llama_dir`` -> ``Path`` of the plain "llama" model.
 
-Tests marked ``@pytest.mark.gpu`` are skipped when CUDA is unavailable. Torch intra-op
+Tests marked ``@pytest.mark.gpu`` are skipped when CUDA is unavailable; on a GPU machine the
+other tests see no CUDA (``_cpu_unless_gpu_marked``). Torch intra-op
 threads are set to 1 for the session (tiny models only lose from threading); override with
 the ``PAGEDLLM_TEST_TORCH_THREADS`` environment variable.
 """
@@ -47,6 +48,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine, tests not marked ``gpu`` still run as on the CPU CI: device "auto"
+    resolves to the CPU (fp32, so outputs can equal transformers' token for token), and no
+    engine of theirs claims GPU memory that the next test's engine would need."""
+    if "gpu" not in request.keywords and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(scope="session")

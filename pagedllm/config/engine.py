@@ -93,7 +93,7 @@ class EngineConfig:
         assert max_model_len is not None  # resolved by ModelConfig
         if sched.max_num_batched_tokens is None:
             sched.max_num_batched_tokens = default_max_num_batched_tokens(
-                sched.max_num_seqs, max_model_len, sched.enable_chunked_prefill
+                sched.max_num_seqs, max_model_len, sched.enable_chunked_prefill, device_type
             )
         if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
             raise config_error(

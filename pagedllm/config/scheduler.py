@@ -15,19 +15,23 @@ from pagedllm.config.utils import check_at_least, check_choice
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
-# Tokens per step with chunked prefill when max_num_batched_tokens is unset. The same number on
-# every device today (the CUDA default; tune it here, the one place it is written).
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# Tokens per step with chunked prefill when max_num_batched_tokens is unset, by device type.
+# CUDA: measured on an H200 (docs/benchmarks.md): 8192 lets a step carry several prompt chunks
+# beside the decodes, which is where large-batch throughput and time to first token come from;
+# the GPU is busy enough at that size that decode steps with a chunk are not much slower.
+# CPU: small steps keep the tiny-model tests and demos responsive.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
 def default_max_num_batched_tokens(
-    max_num_seqs: int, max_model_len: int, enable_chunked_prefill: bool
+    max_num_seqs: int, max_model_len: int, enable_chunked_prefill: bool, device_type: str = "cpu"
 ) -> int:
-    """The step token budget when none is set: ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` with chunked
-    prefill; without it a whole prompt must fit in one step, so at least ``max_model_len``.
-    Never fewer than ``max_num_seqs``, so every running sequence can decode each step."""
+    """The step token budget when none is set: ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` of the device
+    type with chunked prefill; without it a whole prompt must fit in one step, so at least
+    ``max_model_len``. Never fewer than ``max_num_seqs``, so every running sequence can decode
+    each step."""
     if enable_chunked_prefill:
-        return max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+        return max(DEFAULT_MAX_NUM_BATCHED_TOKENS[device_type], max_num_seqs)
     return max(max_model_len, max_num_seqs)
 
 
@@ -42,7 +46,8 @@ class SchedulerConfig:
         default=None,
         metadata={
             "help": "most tokens computed in one step",
-            "default_help": f"{DEFAULT_MAX_NUM_BATCHED_TOKENS} with chunked prefill, else "
+            "default_help": f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on CUDA and "
+            f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on the CPU with chunked prefill, else "
             "max_model_len; at least max_num_seqs",
         },
     )

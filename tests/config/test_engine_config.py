@@ -93,8 +93,8 @@ def test_defaults(arch_dir: str) -> None:
     )
     assert mc.torch_dtype == torch.float32 and mc.arch.num_hidden_layers == 2
     assert cache == CacheConfig(16, "auto", 0.9, None, None, True)
-    assert sched == SchedulerConfig(256, DEFAULT_MAX_NUM_BATCHED_TOKENS, "fcfs", True, False)
-    assert DEFAULT_MAX_NUM_BATCHED_TOKENS == 2048
+    assert sched == SchedulerConfig(256, DEFAULT_MAX_NUM_BATCHED_TOKENS["cpu"], "fcfs", True, False)
+    assert DEFAULT_MAX_NUM_BATCHED_TOKENS == {"cuda": 8192, "cpu": 2048}
     assert cfg.device_config == DeviceConfig("cpu", "auto", False)
     assert cfg.device_config.torch_device == torch.device("cpu")
     assert cfg.parallel_config == ParallelConfig(1, 1)
@@ -207,3 +207,12 @@ def test_importing_the_config_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_default_step_budget_depends_on_the_device() -> None:
+    from pagedllm.config.scheduler import default_max_num_batched_tokens
+
+    assert default_max_num_batched_tokens(256, 4096, True, "cuda") == 8192
+    assert default_max_num_batched_tokens(256, 4096, True, "cpu") == 2048
+    assert default_max_num_batched_tokens(4096, 4096, True, "cpu") == 4096  # >= max_num_seqs
+    assert default_max_num_batched_tokens(256, 32768, False, "cuda") == 32768  # whole prompts
