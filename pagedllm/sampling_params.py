@@ -122,14 +122,19 @@ class SamplingParams:
             self._all_stop_token_ids |= eos_token_ids
 
     @property
-    def needs_host_tokens(self) -> bool:
-        """Sampling reads the values of the sequence's own previous tokens (penalties): with
-        async scheduling such a sequence waits for its last token instead of running ahead."""
+    def has_penalties(self) -> bool:
+        """A repetition, presence or frequency penalty is set."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling reads the values of the sequence's own previous tokens (penalties): with
+        async scheduling such a sequence waits for its last token instead of running ahead."""
+        return self.has_penalties
 
     @property
     def all_stop_token_ids(self) -> set[int]:

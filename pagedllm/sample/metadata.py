@@ -63,15 +63,17 @@ class SamplingMetadata:
     top_p: torch.Tensor | None  # [B] float32; None if no_top_p
     min_p: torch.Tensor | None  # [B] float32; None if no_min_p
     generators: dict[int, torch.Generator]  # row index -> generator (random seeded rows only)
-    # Penalties.
+    # Penalties, over the P rows that set one (``penalty_rows``), never the whole batch: one
+    # penalized request among hundreds costs its own row's history, not everyone's.
     no_penalties: bool
     has_repetition_penalty: bool
     has_output_penalties: bool  # any presence/frequency penalty
-    repetition_penalties: torch.Tensor | None  # [B] float32
-    presence_penalties: torch.Tensor | None  # [B] float32
-    frequency_penalties: torch.Tensor | None  # [B] float32
-    prompt_token_ids: torch.Tensor | None  # [B, Lp] int64, padded with vocab_size
-    output_token_ids: torch.Tensor | None  # [B, Lo] int64, padded with vocab_size
+    penalty_rows: torch.Tensor | None  # [P] int64 batch rows with any penalty
+    repetition_penalties: torch.Tensor | None  # [P] float32
+    presence_penalties: torch.Tensor | None  # [P] float32
+    frequency_penalties: torch.Tensor | None  # [P] float32
+    prompt_token_ids: torch.Tensor | None  # [P, Lp] int64, padded with vocab_size
+    output_token_ids: torch.Tensor | None  # [P, Lo] int64, padded with vocab_size
     # min_tokens: (row, token) coordinates whose logits are forced to -inf this step.
     min_tokens_rows: torch.Tensor | None  # [M] int64
     min_tokens_tokens: torch.Tensor | None  # [M] int64
@@ -154,15 +156,15 @@ class SamplingMetadata:
             if not g and r.generator is not None
         }
 
-        reps = [r.params.repetition_penalty for r in rows]
-        pres = [r.params.presence_penalty for r in rows]
-        freqs = [r.params.frequency_penalty for r in rows]
+        pen_idx = [i for i, r in enumerate(rows) if r.params.has_penalties]
+        pen = [rows[i] for i in pen_idx]
+        reps = [r.params.repetition_penalty for r in pen]
+        pres = [r.params.presence_penalty for r in pen]
+        freqs = [r.params.frequency_penalty for r in pen]
         has_rep = any(x != 1.0 for x in reps)
         has_out = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freqs)
-        prompt_ids = _pad([r.prompt_token_ids for r in rows], v, device) if has_rep else None
-        output_ids = (
-            _pad([r.output_token_ids for r in rows], v, device) if has_rep or has_out else None
-        )
+        prompt_ids = _pad([r.prompt_token_ids for r in pen], v, device) if has_rep else None
+        output_ids = _pad([r.output_token_ids for r in pen], v, device) if pen else None
 
         mt_rows: list[int] = []
         mt_toks: list[int] = []
@@ -193,9 +195,10 @@ class SamplingMetadata:
             top_p=top_p,
             min_p=min_p,
             generators=generators,
-            no_penalties=not (has_rep or has_out),
+            no_penalties=not pen,
             has_repetition_penalty=has_rep,
             has_output_penalties=has_out,
+            penalty_rows=h2d(pen_idx, torch.int64, device) if pen else None,
             repetition_penalties=f32(reps) if has_rep else None,
             presence_penalties=f32(pres) if has_out else None,
             frequency_penalties=f32(freqs) if has_out else None,

@@ -46,9 +46,21 @@ def token_presence(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Apply repetition, then frequency and presence penalties (no-op if none is set)."""
+    """Apply repetition, then frequency and presence penalties (no-op if none is set) to the
+    rows that set one (``meta.penalty_rows``); the others are not touched."""
     if meta.no_penalties:
         return logits
+    assert meta.penalty_rows is not None
+    rows = meta.penalty_rows
+    whole = rows.shape[0] == logits.shape[0]  # every row: no gather / scatter needed
+    sub = _penalize(logits if whole else logits[rows], meta)
+    if whole:
+        return sub
+    return logits.index_copy_(0, rows, sub)
+
+
+def _penalize(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Penalties on ``logits`` = the ``[P, V]`` penalty rows, in ``penalty_rows`` order."""
     v = logits.shape[-1]
     assert meta.output_token_ids is not None
     out_counts = token_counts(meta.output_token_ids, v)

@@ -117,14 +117,7 @@ class Penalties(LogitsProcessor):
         return not meta.no_penalties
 
     def active_rows(self, meta: SamplingMetadata) -> torch.Tensor:
-        rows = _rows_mask(meta, None)
-        if meta.repetition_penalties is not None:
-            rows |= meta.repetition_penalties != 1.0
-        if meta.presence_penalties is not None:
-            rows |= meta.presence_penalties != 0.0
-        if meta.frequency_penalties is not None:
-            rows |= meta.frequency_penalties != 0.0
-        return rows
+        return _rows_mask(meta, meta.penalty_rows)
 
     def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         return apply_penalties(logits, meta)

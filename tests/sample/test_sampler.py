@@ -210,6 +210,24 @@ def test_penalties_change_logits_and_greedy_uses_them() -> None:
     assert out.sampled_token_ids.item() == 4  # 2.0 - 0.6 < 1.5
 
 
+def test_one_penalized_row_packs_only_its_own_history() -> None:
+    """A penalty request in a large batch costs its own row: histories are [1, L], and every
+    other row's logits come out bit-identical."""
+    b = 64
+    logits = rand_logits(b, seed=3)
+    plain = SamplingParams(temperature=0.0)
+    rows = [row(plain, prompt=[1, 2, 3], output=[4, 5]) for _ in range(b)]
+    rows[37] = row(SamplingParams(repetition_penalty=1.7, frequency_penalty=0.4), [3, 9], [9, 9])
+    meta = SamplingMetadata.build(rows, V, CPU)
+    assert meta.penalty_rows is not None and meta.penalty_rows.tolist() == [37]
+    assert meta.prompt_token_ids is not None and meta.prompt_token_ids.shape[0] == 1
+    assert meta.output_token_ids is not None and meta.output_token_ids.shape[0] == 1
+    got = apply_penalties(logits.clone(), meta)
+    assert torch.equal(got, reference_penalties(logits, rows))
+    others = [i for i in range(b) if i != 37]
+    assert torch.equal(got[others], logits[others])
+
+
 def test_no_penalties_builds_no_history_tensors() -> None:
     meta = SamplingMetadata.build([row(SamplingParams(temperature=0.0))], V, CPU)
     assert meta.no_penalties and meta.all_greedy
