@@ -12,6 +12,12 @@ per-step diffs. A sequence whose sampling reads its own previous tokens on the h
 (penalties) is not scheduled while its last token is still on the device, so with async
 scheduling it waits one step; every other sequence stays a step ahead.
 
+Speculative decoding hook: with a ``drafter`` set, a decoding sequence may compute up to
+``num_speculative_tokens`` draft tokens after its own in the same step; the worker verifies
+them and the scheduler rolls ``num_computed_tokens`` back over the rejected ones (such a
+sequence, like a penalized one, waits for its tokens before its next step). Nothing sets a
+drafter yet: it is the contract a drafter (n-gram, a draft model) will plug into.
+
 Seats: never more than ``max_num_seqs`` sequences run. A leader of n > 1 sequences claims
 seats for the siblings it forks once its prompt is computed, capped at ``max_num_seqs`` so it
 can always start once the batch drains; siblings that find no seat at fork time queue right
@@ -23,6 +29,7 @@ from __future__ import annotations
 import bisect
 import operator
 import time
+from collections.abc import Callable
 
 from pagedllm.config.cache import CacheConfig
 from pagedllm.config.scheduler import SchedulerConfig
@@ -33,6 +40,10 @@ from pagedllm.core.scheduler_output import (
     SchedulerOutput,
 )
 from pagedllm.core.sequence import Sequence, SequenceStatus
+
+# Proposes draft tokens for a running sequence (speculative decoding): at most ``k`` tokens
+# that may follow its current tokens. None of them has to be right: the worker verifies them.
+Drafter = Callable[[Sequence, int], list[int]]
 
 
 class Scheduler:
@@ -65,6 +76,9 @@ class Scheduler:
         # be reused once its sequence finished while a step naming it is still in flight.
         self._in_flight: dict[int, list[Sequence]] = {}
         self._step_seqs: list[Sequence] = []  # the step being built, in its scheduled order
+        # Speculative decoding: who proposes drafts and how many per step (none by default).
+        self.drafter: Drafter | None = None
+        self.num_speculative_tokens = 0
         by_priority = scheduler_config.scheduling_policy == "priority"
         self._key = operator.attrgetter("sort_key" if by_priority else "arrival_key")
 
@@ -133,11 +147,13 @@ class Scheduler:
             if (
                 (num_new > budget and not self.chunked_prefill)
                 or self._finishes_on_pending(seq)
-                or (seq.num_pending and seq.params.needs_host_tokens)
+                or (seq.num_pending and self._waits_for_host_token(seq))
             ):
                 i += 1  # waits: a fork's tail for room, a penalty sequence for its token, ...
                 continue
             num_new = min(num_new, budget)
+            drafts = self._drafts(seq, num_new, budget)
+            num_new += len(drafts)
             while not self.kv.allocate(seq, num_new):
                 victim = self.running.pop()  # newest / lowest priority
                 self._preempt(victim)
@@ -146,7 +162,7 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break
-            self._add(out, seq, num_new)
+            self._add(out, seq, num_new, drafts)
             budget -= num_new
             i += 1
         if not out.preempted_seq_ids:
@@ -164,14 +180,50 @@ class Scheduler:
             or seq.num_tokens_with_pending >= self.max_model_len
         )
 
-    def _add(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        """Schedule ``num_new`` tokens of ``seq`` (as a diff for the worker) and count them as
-        computed from now on."""
+    def _waits_for_host_token(self, seq: Sequence) -> bool:
+        """With its last token still on the device, ``seq`` is not scheduled: its sampling
+        reads its tokens (penalties), the step in flight verifies drafts (which of its samples
+        is the last token is known only on the host), or it is to get drafts."""
+        return seq.params.needs_host_tokens or seq.drafts_in_flight or self._drafts_for(seq)
+
+    def _drafts_for(self, seq: Sequence) -> bool:
+        """The drafter proposes for ``seq``: one is set and the sequence's sampling reads
+        nothing that drafts would change (penalties, logprobs, min_tokens, siblings to fork).
+        Such a sequence, like a penalized one, waits for its last token to reach the host."""
+        params = seq.params
+        return not (
+            self.drafter is None
+            or seq.pending_forks
+            or params.needs_host_tokens
+            or params.logprobs is not None
+            or seq.num_output_tokens < params.min_tokens
+        )
+
+    def _drafts(self, seq: Sequence, num_new: int, budget: int) -> list[int]:
+        """Draft tokens for a sequence about to decode one token whose last token is on the
+        host, as many as the step budget, ``max_tokens`` and ``max_model_len`` leave room for."""
+        if num_new != 1 or seq.num_pending or not self._drafts_for(seq):
+            return []
+        assert self.drafter is not None
+        room = min(
+            self.num_speculative_tokens,
+            budget - 1,
+            seq.max_tokens - seq.num_output_tokens - 1,
+            self.max_model_len - seq.num_tokens - 1,
+        )
+        return list(self.drafter(seq, room))[:room] if room > 0 else []
+
+    def _add(
+        self, out: SchedulerOutput, seq: Sequence, num_new: int, drafts: list[int] | None = None
+    ) -> None:
+        """Schedule ``num_new`` tokens of ``seq`` (the last ``len(drafts)`` of them drafts; as a
+        diff for the worker) and count them as computed from now on."""
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
         self._step_seqs.append(seq)
+        drafts = drafts or []
         start = seq.num_computed_tokens
-        samples = start + num_new == seq.num_tokens_with_pending
+        samples = start + num_new == seq.num_tokens_with_pending + len(drafts)
         sample_ids: list[str] = []
         if samples:
             sample_ids.append(seq.seq_id)
@@ -191,8 +243,10 @@ class Scheduler:
                 reset_blocks=reset,
                 new_token_ids=seq.all_token_ids[seq.num_tokens_sent :],
                 sample_seq_ids=sample_ids,
+                draft_token_ids=drafts,
             )
         )
+        seq.drafts_in_flight = bool(drafts)
         seq.blocks_sent = self.kv.num_blocks_of(seq.seq_id)
         seq.num_tokens_sent = seq.num_tokens
         seq.num_computed_tokens += num_new
@@ -261,11 +315,20 @@ class Scheduler:
             if seq is None or seq.is_finished:
                 continue  # finished (stop string, abort) while this step was in flight
             running = seq.status == SequenceStatus.RUNNING
+            end = sched.end
+            if sched.draft_token_ids and sched.samples:
+                # Drafts past the first mismatch were computed for nothing: their KV entries
+                # are overwritten when the step after recomputes from the last accepted one.
+                rejected = len(sched.draft_token_ids) + 1 - len(sampled[seq.seq_id])
+                end -= rejected
+                if running:
+                    seq.num_computed_tokens -= rejected
             if running:
-                self.kv.commit_computed(seq, sched.end)
+                self.kv.commit_computed(seq, end)
             if not sched.samples:
                 continue
             seq.num_pending -= 1
+            seq.drafts_in_flight = False
             for child in self._fork(seq, sched.end):
                 changed.append((child, self._append(child, sampled[child.seq_id])))
             changed.append((seq, self._append(seq, sampled[seq.seq_id])))

@@ -44,6 +44,13 @@ class ScheduledSequence:
     blocks). ``sample_seq_ids`` are the sequences sampled from this span's last row, in order:
     empty for a prompt chunk that does not reach the end, the sequence itself otherwise, plus
     its n > 1 siblings on its first sampled token.
+
+    ``draft_token_ids`` (speculative decoding) are proposed continuations, the last
+    ``len(draft_token_ids)`` of the span's tokens: the worker computes them like any token and
+    samples every one of the span's last ``1 + len(draft_token_ids)`` positions; it returns the
+    drafts that match what it sampled, in order, plus the first sample that does not (or one
+    past the last draft). The scheduler then rolls ``num_computed_tokens`` back over the
+    rejected drafts, whose KV entries the next step overwrites.
     """
 
     seq_id: str
@@ -53,6 +60,7 @@ class ScheduledSequence:
     reset_blocks: bool = False
     new_token_ids: list[int] = field(default_factory=list)
     sample_seq_ids: list[str] = field(default_factory=list)
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def end(self) -> int:

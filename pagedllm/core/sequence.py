@@ -61,6 +61,7 @@ class Sequence:
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_pending: int = 0  # sampled tokens still on the device (async scheduling), value unknown
+    drafts_in_flight: bool = False  # the step in flight verifies drafts: wait for its tokens
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache (first schedule)
     status: SequenceStatus = SequenceStatus.WAITING
     stop_reason: int | str | None = None

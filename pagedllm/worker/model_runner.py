@@ -29,7 +29,7 @@ from pagedllm.worker.kv_pool_size import determine_num_blocks
 from pagedllm.worker.linear_tuning import tune_skinny_linears
 from pagedllm.worker.sequence_states import SequenceStates
 from pagedllm.worker.step_inputs import StepInputs, prepare_step_inputs
-from pagedllm.worker.step_output import StepHandle, logprob_rows
+from pagedllm.worker.step_output import StepHandle, accept_drafts, logprob_rows
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "StepHandle", "TokenLogprobs"]
 
@@ -126,7 +126,9 @@ class ModelRunner:
         else:
             logits = self.model.compute_logits(hidden[h2d(rows, torch.int64, dev)])
         if inp.sample_rows:
-            self._sample(logits, inp.sample_rows, inp.sample_src, inp.sample_ids, handle)
+            self._sample(
+                logits, inp.sample_rows, inp.sample_src, inp.sample_ids, inp.drafts, handle
+            )
         if inp.prompt_spans:
             self._prompt_logprobs(
                 logits[h2d(inp.prompt_rows, torch.int64, dev)],
@@ -175,6 +177,7 @@ class ModelRunner:
         rows: list[SamplingRow],
         src: list[int],
         ids: list[str],
+        drafts: dict[str, list[int]],
         handle: StepHandle,
     ) -> None:
         if src == list(range(logits.shape[0])):
@@ -197,7 +200,9 @@ class ModelRunner:
 
         def finish(out: ModelRunnerOutput) -> None:
             for seq_id, token in zip(ids, tokens.tolist(), strict=True):
-                out.sampled[seq_id] = [token]
+                out.sampled.setdefault(seq_id, []).append(token)
+            for seq_id, proposed in drafts.items():
+                out.sampled[seq_id] = accept_drafts(proposed, out.sampled[seq_id])
             if lp is None:
                 return
             entries = logprob_rows(*lp, ks)

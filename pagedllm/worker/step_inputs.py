@@ -42,6 +42,9 @@ class StepInputs:
     prompt_spans: list[tuple[str, int, int, int]] = field(default_factory=list)
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
+    # Speculative spans: sequence id -> its draft tokens (its sample rows are consecutive:
+    # one per draft position, then one past them).
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +83,7 @@ def prepare_step_inputs(
     prompt_spans: list[tuple[str, int, int, int]] = []
     prompt_rows: list[int] = []
     prompt_targets: list[int] = []
+    drafts_by_seq: dict[str, list[int]] = {}
     total = 0
     for b, sched in enumerate(step.scheduled):
         seq = states[sched.seq_id]
@@ -89,7 +93,12 @@ def prepare_step_inputs(
         num_prompt = len(seq.prompt_token_ids)
         known = seq.tokens(start, end)
         ids.extend(known)
-        if len(known) < count:  # the last token is still on the device
+        drafts = sched.draft_token_ids
+        if drafts:  # speculative: the span ends with tokens to verify
+            assert len(known) + len(drafts) == count, f"{sched.seq_id}: drafts misplaced"
+            ids.extend(drafts)
+            drafts_by_seq[sched.seq_id] = drafts
+        elif len(known) < count:  # the last token is still on the device
             missing = count - len(known)
             assert missing == 1, f"{sched.seq_id}: {missing} tokens missing on the worker"
             ids.append(0)
@@ -104,7 +113,22 @@ def prepare_step_inputs(
             logit_rows.extend(range(total, total + stop - start))
             prompt_targets.extend(seq.prompt_token_ids[start + 1 : stop + 1])
         total += count
-        if sched.sample_seq_ids:
+        if drafts:  # one sample per draft position and one past them, all for this sequence
+            for i in range(len(drafts) + 1):
+                logit_rows.append(total - 1 - len(drafts) + i)
+                sample_rows.append(
+                    SamplingRow(
+                        seq.params,
+                        seq.prompt_token_ids,
+                        seq.output_token_ids,
+                        seq.generator,
+                        num_output_tokens=end - len(drafts) - num_prompt + i,
+                        logit_bias=seq.params.logit_bias,
+                    )
+                )
+                sample_src.append(len(logit_rows) - 1)
+                sample_ids.append(sched.seq_id)
+        elif sched.sample_seq_ids:
             logit_rows.append(total - 1)
             for sid in sched.sample_seq_ids:
                 target = seq if sid == sched.seq_id else states[sid]
@@ -151,4 +175,5 @@ def prepare_step_inputs(
         prompt_spans=prompt_spans,
         prompt_rows=prompt_rows,
         prompt_targets=prompt_targets,
+        drafts=drafts_by_seq,
     )

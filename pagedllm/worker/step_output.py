@@ -23,6 +23,18 @@ def logprob_rows(
     ]
 
 
+def accept_drafts(drafts: list[int], samples: list[int]) -> list[int]:
+    """The tokens a speculative span yields: ``samples[i]`` was sampled after the sequence's
+    tokens and ``drafts[:i]``, so it stands while every earlier draft matched its sample; the
+    drafts that match, then the first sample that differs (or the one past the last draft).
+    This is sampling token by token, just several positions per step: lossless for any
+    temperature."""
+    n = 0
+    while n < len(drafts) and samples[n] == drafts[n]:
+        n += 1
+    return samples[: n + 1]
+
+
 class StepHandle:
     """Device results of one step; ``get()`` waits for them and builds the output."""
 
