@@ -214,6 +214,40 @@ class SamplingMetadata:
         )
 
 
+class SamplingMetadataCache:
+    """Reuses the last step's ``SamplingMetadata`` while the batch's rows stay the same.
+
+    In steady decoding most steps sample the same sequences as the step before, and for rows
+    whose settings do not depend on their token history (no penalties, no ``min_tokens``) the
+    metadata is then identical: every per-row tensor is already on the device. The cache key is
+    the ordered sequence ids plus the very ``SamplingParams`` objects (held by the cache, so an
+    id reused by a new request with new settings is never mistaken for the old one).
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self._ids: list[str] = []
+        self._params: list[SamplingParams] = []
+        self._meta: SamplingMetadata | None = None
+        self.hits = 0
+
+    def get(self, rows: list[SamplingRow], ids: list[str]) -> SamplingMetadata:
+        params = [r.params for r in rows]
+        meta = self._meta
+        if (
+            meta is not None
+            and ids == self._ids
+            and all(a is b for a, b in zip(params, self._params, strict=True))
+        ):
+            self.hits += 1
+            return meta
+        meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
+        static = all(not p.has_penalties and p.min_tokens == 0 for p in params)
+        self._ids, self._params, self._meta = (ids, params, meta) if static else ([], [], None)
+        return meta
+
+
 def _logit_bias_coords(
     rows: list[SamplingRow], vocab_size: int
 ) -> tuple[list[int], list[int], list[float]]:

@@ -21,7 +21,7 @@ from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.fused import use_fused
 from pagedllm.models.loader import load_model
-from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
+from pagedllm.sample.metadata import SamplingMetadataCache, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_cache_spec import bind_kv_caches, build_kv_cache_spec
@@ -53,6 +53,7 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.sampler = Sampler()
+        self.sampling_cache = SamplingMetadataCache(self.vocab_size, self.device)
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids (device)
         self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
@@ -184,7 +185,7 @@ class ModelRunner:
             row_logits = logits
         else:
             row_logits = logits[h2d(src, torch.int64, self.device)]
-        meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
+        meta = self.sampling_cache.get(rows, ids)
         res = self.sampler(row_logits, meta)
         self._last_sampled = res.sampled_token_ids
         self._last_rows = {seq_id: i for i, seq_id in enumerate(ids)}

@@ -1,0 +1,41 @@
+"""``SamplingMetadataCache``: the last step's metadata is reused only for the very same rows
+(ids and ``SamplingParams`` objects) and never for rows whose metadata reads token history."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pagedllm.sample.metadata import SamplingMetadataCache, SamplingRow
+from pagedllm.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+V = 50
+
+
+def _rows(params: list[SamplingParams]) -> list[SamplingRow]:
+    return [SamplingRow(p, [1, 2], [3], None) for p in params]
+
+
+def test_reused_for_the_same_rows_only() -> None:
+    cache = SamplingMetadataCache(V, CPU)
+    a, b = SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.0)
+    first = cache.get(_rows([a, b]), ["x", "y"])
+    assert cache.get(_rows([a, b]), ["x", "y"]) is first and cache.hits == 1
+    assert cache.get(_rows([b, a]), ["y", "x"]) is not first  # order changed
+    again = cache.get(_rows([a, b]), ["x", "y"])
+    assert again is not first and cache.hits == 1  # the cache holds the last batch only
+    # Same ids, but a new request (new params object, other settings) reused id "x".
+    other = copy.copy(a)
+    other.top_k = 3
+    fresh = cache.get(_rows([other, b]), ["x", "y"])
+    assert fresh is not again and fresh.top_k is not None and fresh.top_k.tolist() == [3, V]
+
+
+def test_history_dependent_rows_are_never_reused() -> None:
+    for dynamic in (SamplingParams(repetition_penalty=1.2), SamplingParams(min_tokens=3)):
+        cache = SamplingMetadataCache(V, CPU)
+        rows = _rows([SamplingParams(), dynamic])
+        first = cache.get(rows, ["a", "b"])
+        assert cache.get(rows, ["a", "b"]) is not first and cache.hits == 0
