@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
 
@@ -44,6 +47,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # token id -> bias added to its logit before sampling (OpenAI ``logit_bias``).
     logit_bias: dict[int, float] | None = None
+    # The output must match a JSON schema, regex, choice or grammar (a dict is converted).
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
@@ -61,6 +66,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
         self._all_stop_token_ids = set(self.stop_token_ids)
 
@@ -132,9 +139,10 @@ class SamplingParams:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Sampling reads the values of the sequence's own previous tokens (penalties): with
-        async scheduling such a sequence waits for its last token instead of running ahead."""
-        return self.has_penalties
+        """Sampling reads the values of the sequence's own previous tokens (penalties, the
+        grammar of structured output): with async scheduling such a sequence waits for its last
+        token instead of running ahead."""
+        return self.has_penalties or self.structured_outputs is not None
 
     @property
     def all_stop_token_ids(self) -> set[int]:

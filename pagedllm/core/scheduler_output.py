@@ -16,6 +16,7 @@ step pickles, so it can be broadcast to tensor-parallel workers in other process
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -79,6 +80,11 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     finished_seq_ids: list[str] = field(default_factory=list)
     preempted_seq_ids: list[str] = field(default_factory=list)
+    # Structured output: the sampled sequences whose next token is constrained, and their rows
+    # of the allowed-token bitmask (an int32 numpy array [len, ceil(V / 32)]: bit t % 32 of
+    # word t // 32 set = token t allowed), filled by the engine after scheduling.
+    structured_seq_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: Any = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -22,6 +22,7 @@ from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.manager import StructuredOutputManager
 from pagedllm.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class LLMEngine:
             config.scheduler_config, config.cache_config, mc.max_model_len, self.runner.num_blocks
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.runner.vocab_size, sorted(self.generation_defaults.eos_token_ids)
+        )
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
         self._pending_finished: list[Sequence] = []
         self._next_id = 0
@@ -71,6 +75,8 @@ class LLMEngine:
         params = copy.copy(params) if params is not None else self.default_sampling_params()
         params.update_from_generation_config(self.generation_defaults.eos_token_ids)
         inp = self.input_processor.process(prompt, params, priority)
+        if params.structured_outputs is not None:  # a bad constraint: ValueError, queue nothing
+            self.structured_output.compile(params.structured_outputs)
         prompt_ids = inp.prompt_token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [
@@ -89,6 +95,9 @@ class LLMEngine:
         ]
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add_sequence(seqs[0])  # raises if it can never fit
+        if params.structured_outputs is not None:
+            for seq in seqs:
+                self.structured_output.add_sequence(seq.seq_id, params.structured_outputs)
         self._groups[request_id] = [s.seq_id for s in seqs]
         self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
         return request_id
@@ -117,7 +126,7 @@ class LLMEngine:
         """
         op = self.output_processor
         if self._pending_finished:
-            op.finish(self._pending_finished)
+            self._finished(self._pending_finished)
             self._pending_finished = []
         if not self.config.scheduler_config.async_scheduling:
             if self._inflight is not None:  # drain the step in flight first
@@ -141,8 +150,14 @@ class LLMEngine:
                 self._groups.pop(out.request_id, None)
         return outputs
 
+    def _finished(self, done: list[Sequence]) -> None:
+        self.output_processor.finish(done)
+        for seq in done:
+            self.structured_output.remove_sequence(seq.seq_id)
+
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
+        self.structured_output.fill_step(sched)
         if (
             not sched.scheduled
             and self._inflight is None
@@ -159,11 +174,40 @@ class LLMEngine:
         for sid, (start, entries) in result.prompt_logprobs.items():
             op.add_prompt_logprobs(sid, start, entries)  # leader: sequence id == group id
         stopped = op.process_tokens(changed, result.logprobs)
+        rejected: list[str] = []
+        if len(self.structured_output):
+            stopped, rejected = self._advance_grammars(changed, stopped)
         if stopped:
             done = self.scheduler.finish_sequences(
                 [s.seq_id for s in stopped], SequenceStatus.FINISHED_STOPPED
             )
-            op.finish(done)
+            self._finished(done)
+        if rejected:
+            done = self.scheduler.finish_sequences(rejected, SequenceStatus.FINISHED_ABORTED)
+            self._finished(done)
+
+    def _advance_grammars(
+        self, changed: list[tuple[Sequence, list[int]]], stopped: list[Sequence]
+    ) -> tuple[list[Sequence], list[str]]:
+        """Feed constrained sequences their new tokens. A complete grammar stops its sequence
+        (finish reason ``stop``); a token the grammar refuses (cannot happen while the mask is
+        applied) aborts it. Finished sequences drop their matcher."""
+        so = self.structured_output
+        stopped = list(stopped)
+        rejected: list[str] = []
+        for seq, kept in changed:
+            if seq.seq_id not in so:
+                continue
+            if seq.is_finished:
+                so.remove_sequence(seq.seq_id)
+                continue
+            state = so.advance(seq.seq_id, kept)
+            if state == "finished" and seq not in stopped:
+                stopped.append(seq)
+            elif state == "rejected":
+                logger.warning("Sequence %s: its grammar refused a sampled token.", seq.seq_id)
+                rejected.append(seq.seq_id)
+        return stopped, rejected
 
     # ---- stats -------------------------------------------------------------------------
     def stats(self) -> SchedulerStats:

@@ -84,14 +84,20 @@ def prepare_allowed_mask(
         packed = mask.clone()  # the caller may refill its buffer while this step runs
     else:
         raise ValueError(f"allowed_token_mask must be bool or int32, got {mask.dtype}")
-    allowed = unpack_token_mask(packed, vocab_size)  # bits of ids >= V are ignored
-    empty = (~allowed.any(dim=1)).nonzero().flatten().tolist()
+    # Checked on the packed words (B x V / 32, not B x V): the last word's bits past V are
+    # ignored.
+    packed_cpu = packed.cpu()
+    tail_bits = vocab_size - (w - 1) * BITS
+    tail = torch.tensor(-1 if tail_bits == BITS else (1 << tail_bits) - 1, dtype=torch.int32)
+    last = packed_cpu[:, -1] & tail
+    any_allowed = (packed_cpu[:, :-1] != 0).any(dim=1) | (last != 0)
+    empty = (~any_allowed).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
             f"allowed_token_mask allows no token for sampling row(s) {empty}; every row must "
             "allow at least one token id in [0, vocab_size)"
         )
-    if bool(allowed.all()):
+    if bool((packed_cpu[:, :-1] == -1).all()) and bool((last == tail).all()):
         return None
     if packed.device == device:
         return packed

@@ -21,7 +21,7 @@ from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.fused import use_fused
 from pagedllm.models.loader import load_model
-from pagedllm.sample.metadata import SamplingMetadataCache, SamplingRow
+from pagedllm.sample.metadata import SamplingMetadata, SamplingMetadataCache, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_cache_spec import bind_kv_caches, build_kv_cache_spec
@@ -34,6 +34,20 @@ from pagedllm.worker.step_output import StepHandle, accept_drafts, logprob_rows
 __all__ = ["ModelRunner", "ModelRunnerOutput", "StepHandle", "TokenLogprobs"]
 
 logger = logging.getLogger(__name__)
+
+
+def grammar_rows(
+    sample_ids: list[str], structured_ids: list[str], bitmask: np.ndarray
+) -> torch.Tensor:
+    """The packed allowed-token mask of a step's sample rows: a constrained sequence's row of
+    the step's grammar bitmask, every token for the others."""
+    row_of = {sid: i for i, sid in enumerate(structured_ids)}
+    mask = np.full((len(sample_ids), bitmask.shape[1]), -1, dtype=np.int32)
+    for i, sid in enumerate(sample_ids):
+        j = row_of.get(sid)
+        if j is not None:
+            mask[i] = bitmask[j]
+    return torch.from_numpy(mask)
 
 
 class ModelRunner:
@@ -127,8 +141,11 @@ class ModelRunner:
         else:
             logits = self.model.compute_logits(hidden[h2d(rows, torch.int64, dev)])
         if inp.sample_rows:
+            mask = None
+            if step.grammar_bitmask is not None:
+                mask = grammar_rows(inp.sample_ids, step.structured_seq_ids, step.grammar_bitmask)
             self._sample(
-                logits, inp.sample_rows, inp.sample_src, inp.sample_ids, inp.drafts, handle
+                logits, inp.sample_rows, inp.sample_src, inp.sample_ids, inp.drafts, handle, mask
             )
         if inp.prompt_spans:
             self._prompt_logprobs(
@@ -180,12 +197,16 @@ class ModelRunner:
         ids: list[str],
         drafts: dict[str, list[int]],
         handle: StepHandle,
+        allowed_mask: torch.Tensor | None = None,
     ) -> None:
         if src == list(range(logits.shape[0])):
             row_logits = logits
         else:
             row_logits = logits[h2d(src, torch.int64, self.device)]
-        meta = self.sampling_cache.get(rows, ids)
+        if allowed_mask is None:
+            meta = self.sampling_cache.get(rows, ids)
+        else:  # a grammar's mask changes every step: never from the cache
+            meta = SamplingMetadata.build(rows, self.vocab_size, self.device, allowed_mask)
         res = self.sampler(row_logits, meta)
         self._last_sampled = res.sampled_token_ids
         self._last_rows = {seq_id: i for i, seq_id in enumerate(ids)}

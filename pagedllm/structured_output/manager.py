@@ -1,0 +1,112 @@
+"""Engine-side state of structured output: compiled grammars, one matcher per sequence, and
+the allowed-token bitmask of each step.
+
+The grammar backend reads the whole vocabulary when it is built, which takes a while, so the
+manager builds it in a background thread when the engine starts; the first constrained request
+waits for it only if it comes sooner. Compiled grammars are kept in an LRU cache keyed by the
+constraint's canonical text, so a client that sends the same schema again compiles nothing.
+
+Per step: a constrained sequence is scheduled only once its last token is on the host
+(``SamplingParams.needs_host_tokens``), so its matcher is current when ``fill_step`` writes
+its row of the bitmask into the step; after the step, ``advance`` feeds it the tokens it kept
+and reports the sequences whose grammar is complete (they finish with ``stop``) or broken.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.structured_output.backend import (
+    CompiledGrammar,
+    GrammarBackend,
+    GrammarMatcher,
+    bitmask_width,
+    get_backend,
+)
+from pagedllm.structured_output.params import StructuredOutputsParams
+
+CACHE_SIZE = 256  # distinct compiled grammars kept
+
+
+class StructuredOutputManager:
+    """Compiles constraints, keeps one matcher per constrained sequence (see the module doc)."""
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int], backend: str = "llguidance"
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.width = bitmask_width(vocab_size)
+        self._backend: GrammarBackend | None = None
+        self._backend_error: BaseException | None = None
+        self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._matchers: dict[str, GrammarMatcher] = {}
+
+        def build() -> None:
+            try:
+                self._backend = get_backend(backend, tokenizer, vocab_size, eos_token_ids)
+            except BaseException as e:  # reported to the first request that needs it
+                self._backend_error = e
+
+        self._builder = threading.Thread(target=build, name="grammar-backend", daemon=True)
+        self._builder.start()
+
+    @property
+    def backend(self) -> GrammarBackend:
+        self._builder.join()
+        if self._backend is None:
+            raise ValueError(f"structured outputs are unavailable: {self._backend_error}")
+        return self._backend
+
+    def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
+        """The compiled constraint (cached); ValueError if it does not compile."""
+        key = params.key()
+        grammar = self._cache.get(key)
+        if grammar is not None:
+            self._cache.move_to_end(key)
+            return grammar
+        grammar = self.backend.compile(params)
+        self._cache[key] = grammar
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return grammar
+
+    # ---- sequences ---------------------------------------------------------------------
+    def add_sequence(self, seq_id: str, params: StructuredOutputsParams) -> None:
+        self._matchers[seq_id] = self.backend.matcher(self.compile(params))
+
+    def remove_sequence(self, seq_id: str) -> None:
+        self._matchers.pop(seq_id, None)
+
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self._matchers
+
+    def __len__(self) -> int:
+        return len(self._matchers)
+
+    def fill_step(self, step: SchedulerOutput) -> None:
+        """Attach the allowed-token bitmask of the step's constrained sample rows."""
+        if not self._matchers:
+            return
+        ids = [sid for s in step.scheduled for sid in s.sample_seq_ids if sid in self._matchers]
+        if not ids:
+            return
+        bitmask = np.zeros((len(ids), self.width), dtype=np.int32)
+        for row, sid in enumerate(ids):
+            self._matchers[sid].fill_bitmask(bitmask, row)
+        step.structured_seq_ids = ids
+        step.grammar_bitmask = bitmask
+
+    def advance(self, seq_id: str, tokens: list[int]) -> str | None:
+        """Feed the tokens ``seq_id`` kept; "finished" if its grammar is now complete,
+        "rejected" if the grammar refused a token, else None."""
+        matcher = self._matchers.get(seq_id)
+        if matcher is None or not tokens:
+            return None
+        if not matcher.accept(tokens):
+            return "rejected"
+        return "finished" if matcher.is_finished else None
