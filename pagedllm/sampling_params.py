@@ -49,12 +49,19 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # The output must match a JSON schema, regex, choice or grammar (a dict is converted).
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    # Only these token ids may be sampled.
+    allowed_token_ids: list[int] | None = None
+    # Words never to generate: the last token of a word is banned whenever the tokens before it
+    # were just generated (the word is tokenized with and without a leading space).
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    # Filled by the engine (not by users): the model's EOS ids from generation_config.
+    # Filled by the engine (not by users): the model's EOS ids from generation_config, and
+    # the token sequences of ``bad_words``.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -117,6 +124,18 @@ class SamplingParams:
                 raise bad(f"logit_bias[{tok}] must be a number, got {bias!r}.")
             if not -100.0 <= bias <= 100.0:
                 raise bad(f"logit_bias[{tok}] must be in [-100, 100], got {bias}.")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list)
+            or not self.allowed_token_ids
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                   for t in self.allowed_token_ids)
+        ):  # fmt: skip
+            raise bad("allowed_token_ids must be a non-empty list of non-negative token ids.")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list)
+            or any(not isinstance(w, str) or not w.strip() for w in self.bad_words)
+        ):
+            raise bad("bad_words must be a list of non-empty strings.")
 
     @property
     def greedy(self) -> bool:
@@ -139,10 +158,16 @@ class SamplingParams:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Sampling reads the values of the sequence's own previous tokens (penalties, the
-        grammar of structured output): with async scheduling such a sequence waits for its last
-        token instead of running ahead."""
-        return self.has_penalties or self.structured_outputs is not None
+        """Sampling reads the values of the sequence's own previous tokens (penalties, bad
+        words, the grammar of structured output): with async scheduling such a sequence waits
+        for its last token instead of running ahead."""
+        return self.has_penalties or bool(self.bad_words) or self.structured_outputs is not None
+
+    @property
+    def reads_history(self) -> bool:
+        """The sampling metadata of this request changes as it generates (penalties, bad
+        words, min_tokens), so it cannot be reused from one step to the next."""
+        return self.has_penalties or bool(self.bad_words) or self.min_tokens > 0
 
     @property
     def all_stop_token_ids(self) -> set[int]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.device_utils import h2d
-from pagedllm.sample.token_mask import prepare_allowed_mask
+from pagedllm.sample.token_mask import pack_token_mask, prepare_allowed_mask
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -74,9 +74,10 @@ class SamplingMetadata:
     frequency_penalties: torch.Tensor | None  # [P] float32
     prompt_token_ids: torch.Tensor | None  # [P, Lp] int64, padded with vocab_size
     output_token_ids: torch.Tensor | None  # [P, Lo] int64, padded with vocab_size
-    # min_tokens: (row, token) coordinates whose logits are forced to -inf this step.
-    min_tokens_rows: torch.Tensor | None  # [M] int64
-    min_tokens_tokens: torch.Tensor | None  # [M] int64
+    # Banned this step (min_tokens' stop ids, the last token of a bad word about to complete):
+    # (row, token) coordinates whose logits are forced to -inf.
+    banned_rows: torch.Tensor | None  # [M] int64
+    banned_tokens: torch.Tensor | None  # [M] int64
     # Logprobs: max `logprobs` requested by any row (None = no row asked).
     max_num_logprobs: int | None
     # Allowed-token mask: [B, ceil(V / 32)] int32, bit t % 32 of word t // 32 set = token t
@@ -104,8 +105,8 @@ class SamplingMetadata:
         return self.min_p is None
 
     @property
-    def no_min_tokens(self) -> bool:
-        return self.min_tokens_rows is None
+    def no_banned_tokens(self) -> bool:
+        return self.banned_rows is None
 
     @classmethod
     def build(
@@ -174,7 +175,12 @@ class SamplingMetadata:
                 stops = sorted(t for t in r.params.all_stop_token_ids if 0 <= t < v)
                 mt_rows.extend([i] * len(stops))
                 mt_toks.extend(stops)
+            for word in r.params._bad_words_token_ids if r.params.bad_words else ():
+                if _completes(r.output_token_ids, word) and 0 <= word[-1] < v:
+                    mt_rows.append(i)
+                    mt_toks.append(word[-1])
         has_mt = bool(mt_rows)
+        allowed_token_mask = _with_allowed_ids(allowed_token_mask, rows, v)
 
         lb_rows, lb_toks, lb_vals = _logit_bias_coords(rows, v)
         has_lb = bool(lb_rows)
@@ -204,8 +210,8 @@ class SamplingMetadata:
             frequency_penalties=f32(freqs) if has_out else None,
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
-            min_tokens_rows=(h2d(mt_rows, torch.int64, device) if has_mt else None),
-            min_tokens_tokens=(h2d(mt_toks, torch.int64, device) if has_mt else None),
+            banned_rows=(h2d(mt_rows, torch.int64, device) if has_mt else None),
+            banned_tokens=(h2d(mt_toks, torch.int64, device) if has_mt else None),
             max_num_logprobs=max(requested) if requested else None,
             allowed_token_mask=mask,
             logit_bias_rows=h2d(lb_rows, torch.int64, device) if has_lb else None,
@@ -243,9 +249,37 @@ class SamplingMetadataCache:
             self.hits += 1
             return meta
         meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
-        static = all(not p.has_penalties and p.min_tokens == 0 for p in params)
+        static = not any(p.reads_history for p in params)
         self._ids, self._params, self._meta = (ids, params, meta) if static else ([], [], None)
         return meta
+
+
+def _completes(output: list[int], word: list[int]) -> bool:
+    """The tokens just generated are ``word`` without its last token."""
+    k = len(word) - 1
+    return k == 0 or (len(output) >= k and output[-k:] == word[:-1])
+
+
+def _with_allowed_ids(
+    mask: torch.Tensor | None, rows: list[SamplingRow], vocab_size: int
+) -> torch.Tensor | None:
+    """``mask`` (packed int32 or ``[B, V]`` bool, or None) narrowed by each row's
+    ``allowed_token_ids``; ids outside the vocabulary allow nothing."""
+    limited = [(i, r.params.allowed_token_ids) for i, r in enumerate(rows)]
+    limited = [(i, ids) for i, ids in limited if ids]
+    if not limited:
+        return mask
+    allowed = torch.ones(len(rows), vocab_size, dtype=torch.bool)
+    for i, ids in limited:
+        allowed[i] = False
+        valid = [t for t in ids if 0 <= t < vocab_size]
+        allowed[i, valid] = True
+    packed = pack_token_mask(allowed)
+    if mask is None:
+        return packed
+    if mask.dtype == torch.bool:
+        mask = pack_token_mask(mask.cpu())
+    return mask.cpu() & packed
 
 
 def _logit_bias_coords(

@@ -1,4 +1,5 @@
-"""Logit adjustments that depend on a sequence's token history: min_tokens and penalties.
+"""Logit adjustments that depend on a sequence's token history: banned tokens (min_tokens,
+bad words) and penalties.
 
 Functions take a float32 ``[B, V]`` logits tensor (owned by the sampler, so it may be
 modified in place) and return the adjusted logits, which callers must use (it may be a new
@@ -21,11 +22,12 @@ import torch
 from pagedllm.sample.metadata import SamplingMetadata
 
 
-def apply_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Forbid stop tokens for rows that have not yet produced ``min_tokens`` tokens."""
-    if meta.min_tokens_rows is not None:
-        assert meta.min_tokens_tokens is not None
-        logits[meta.min_tokens_rows, meta.min_tokens_tokens] = float("-inf")
+def apply_banned_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Forbid this step's banned tokens: stop ids of rows below ``min_tokens``, and the last
+    token of each bad word whose other tokens were just generated."""
+    if meta.banned_rows is not None:
+        assert meta.banned_tokens is not None
+        logits[meta.banned_rows, meta.banned_tokens] = float("-inf")
     return logits
 
 

@@ -12,7 +12,8 @@ stays usable), and is where grammar masks and future stages plug in.
 Built-in order (``default_processors``):
 
 1. ``AllowedTokenMask``: tokens outside a row's allowed set (``token_mask.py``) -> ``-inf``;
-2. ``MinTokens``: stop / EOS ids of rows below ``min_tokens`` -> ``-inf``;
+2. ``BannedTokens``: stop / EOS ids of rows below ``min_tokens``, and the last token of a
+   bad word about to complete -> ``-inf``;
 3. ``Penalties``: repetition, then frequency and presence (``penalties.py``);
 4. ``LogitBias``: ``logit += bias`` for each (row, token) of the rows' ``logit_bias``.
 
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from pagedllm.sample.metadata import SamplingMetadata
-from pagedllm.sample.penalties import apply_min_tokens, apply_penalties
+from pagedllm.sample.penalties import apply_banned_tokens, apply_penalties
 from pagedllm.sample.token_mask import unpack_token_mask
 
 
@@ -93,19 +94,21 @@ class AllowedTokenMask(LogitsProcessor):
         return logits.masked_fill_(~allowed, float("-inf"))
 
 
-class MinTokens(LogitsProcessor):
-    """Stop ids of rows that have not yet produced ``min_tokens`` tokens get ``-inf``."""
+class BannedTokens(LogitsProcessor):
+    """This step's banned tokens get ``-inf``: stop ids of rows that have not yet produced
+    ``min_tokens`` tokens, and the last token of a bad word whose other tokens were just
+    generated."""
 
-    name = "min_tokens"
+    name = "banned_tokens"
 
     def is_active(self, meta: SamplingMetadata) -> bool:
-        return not meta.no_min_tokens
+        return not meta.no_banned_tokens
 
     def active_rows(self, meta: SamplingMetadata) -> torch.Tensor:
-        return _rows_mask(meta, meta.min_tokens_rows)
+        return _rows_mask(meta, meta.banned_rows)
 
     def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        return apply_min_tokens(logits, meta)
+        return apply_banned_tokens(logits, meta)
 
 
 class Penalties(LogitsProcessor):
@@ -143,7 +146,7 @@ class LogitBias(LogitsProcessor):
 
 def default_processors() -> list[LogitsProcessor]:
     """The built-in stages in their documented order (module doc)."""
-    return [AllowedTokenMask(), MinTokens(), Penalties(), LogitBias()]
+    return [AllowedTokenMask(), BannedTokens(), Penalties(), LogitBias()]
 
 
 def active_processors(

@@ -10,9 +10,9 @@ import pagedllm.sample.sampler as sampler_mod
 from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
 from pagedllm.sample.processors import (
     AllowedTokenMask,
+    BannedTokens,
     LogitBias,
     LogitsProcessor,
-    MinTokens,
     Penalties,
     apply_processors,
     default_processors,
@@ -50,13 +50,13 @@ def rand_logits(b: int, v: int = V, seed: int = 0) -> torch.Tensor:
 
 def test_default_order_is_documented_one() -> None:
     names = [p.name for p in default_processors()]
-    assert names == ["allowed_token_mask", "min_tokens", "penalties", "logit_bias"]
+    assert names == ["allowed_token_mask", "banned_tokens", "penalties", "logit_bias"]
     assert [p.name for p in Sampler().processors] == names
 
 
 def test_processors_run_in_order_and_only_when_active(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    for cls in (AllowedTokenMask, MinTokens, Penalties, LogitBias):
+    for cls in (AllowedTokenMask, BannedTokens, Penalties, LogitBias):
         original = cls.apply
 
         def spy(self, logits, meta, _orig=original):  # type: ignore[no-untyped-def]
@@ -74,7 +74,7 @@ def test_processors_run_in_order_and_only_when_active(monkeypatch: pytest.Monkey
     mask[1, 4] = False
     rows = [row(stop), row(GREEDY, bias={3: 1.0}), row()]
     Sampler()(logits, build(rows, mask))
-    assert calls == ["allowed_token_mask", "min_tokens", "penalties", "logit_bias"]
+    assert calls == ["allowed_token_mask", "banned_tokens", "penalties", "logit_bias"]
     calls.clear()
     Sampler()(logits[:2], build([row(GREEDY, bias={3: 1.0}), row()]))
     assert calls == ["logit_bias"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pagedllm.sample.metadata import SamplingMetadata, SamplingRow
-from pagedllm.sample.penalties import apply_min_tokens, apply_penalties
+from pagedllm.sample.penalties import apply_banned_tokens, apply_penalties
 from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.sampling_params import SamplingParams
 
@@ -245,7 +245,7 @@ def test_min_tokens_masks_stop_ids_until_reached() -> None:
     stop.update_from_generation_config({7})
     rows = [row(stop, output=[1, 2]), row(stop, output=[1, 2, 4]), row(stop, output=[])]
     meta = SamplingMetadata.build(rows, V, CPU)
-    masked = apply_min_tokens(logits.clone(), meta)
+    masked = apply_banned_tokens(logits.clone(), meta)
     assert torch.isinf(masked[0, [7, 9]]).all() and torch.isinf(masked[2, [7, 9]]).all()
     assert torch.equal(masked[1], logits[1])
     out = sample(logits, rows)
