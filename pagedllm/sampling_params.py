@@ -159,9 +159,10 @@ class SamplingParams:
     @property
     def needs_host_tokens(self) -> bool:
         """Sampling reads the values of the sequence's own previous tokens (penalties, bad
-        words, the grammar of structured output): with async scheduling such a sequence waits
-        for its last token instead of running ahead."""
-        return self.has_penalties or bool(self.bad_words) or self.structured_outputs is not None
+        words): with async scheduling such a sequence waits for its last token instead of
+        running ahead. (A grammar reads them too, but the engine samples constrained steps
+        after the previous step's tokens are in: see ``LLMEngine.step``.)"""
+        return self.has_penalties or bool(self.bad_words)
 
     @property
     def reads_history(self) -> bool:

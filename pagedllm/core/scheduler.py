@@ -188,13 +188,15 @@ class Scheduler:
 
     def _drafts_for(self, seq: Sequence) -> bool:
         """The drafter proposes for ``seq``: one is set and the sequence's sampling reads
-        nothing that drafts would change (penalties, logprobs, min_tokens, siblings to fork).
+        nothing that drafts would change (penalties, a grammar, logprobs, min_tokens, siblings
+        to fork).
         Such a sequence, like a penalized one, waits for its last token to reach the host."""
         params = seq.params
         return not (
             self.drafter is None
             or seq.pending_forks
             or params.needs_host_tokens
+            or params.structured_outputs is not None
             or params.logprobs is not None
             or seq.num_output_tokens < params.min_tokens
         )

@@ -137,7 +137,9 @@ class LLMEngine:
         N's sampled tokens are read back and processed, so the CPU work of both overlaps the
         GPU; outputs then trail the device by one step. The scheduler holds back, per sequence,
         those whose sampling reads their own previous tokens (penalties) until their last
-        token is on the host; everyone else stays a step ahead.
+        token is on the host; everyone else stays a step ahead. A step that samples constrained
+        sequences (structured output) is enqueued in two halves: its forward pass, then, once
+        step N's tokens have advanced the grammars on the host, its sampling with their mask.
         """
         op = self.output_processor
         if self._pending_finished:
@@ -149,15 +151,25 @@ class LLMEngine:
                 self._inflight = None
             else:
                 sched = self._schedule()
+                self.structured_output.fill_step(sched)
                 handle = self.runner.execute_async(sched)
                 if sched.scheduled:
                     self._complete(sched, handle)
         else:
             sched = self._schedule()
-            handle = self.runner.execute_async(sched)  # also applies finishes when empty
+            if self.structured_output.constrains(sched):
+                forward = self.runner.execute_model(sched)
+                if self._inflight is not None:
+                    self._complete(*self._inflight)  # step N's tokens advance the grammars
+                self.structured_output.fill_step(sched)
+                handle = self.runner.sample_tokens(
+                    forward, sched.structured_seq_ids, sched.grammar_bitmask
+                )
+            else:
+                handle = self.runner.execute_async(sched)  # also applies finishes when empty
+                if self._inflight is not None:
+                    self._complete(*self._inflight)
             handle = handle if sched.scheduled else None
-            if self._inflight is not None:
-                self._complete(*self._inflight)
             self._inflight = (sched, handle) if handle is not None else None
         outputs = op.collect()
         for out in outputs:
@@ -172,7 +184,6 @@ class LLMEngine:
 
     def _schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
-        self.structured_output.fill_step(sched)
         if (
             not sched.scheduled
             and self._inflight is None

@@ -6,10 +6,12 @@ manager builds it in a background thread when the engine starts; the first const
 waits for it only if it comes sooner. Compiled grammars are kept in an LRU cache keyed by the
 constraint's canonical text, so a client that sends the same schema again compiles nothing.
 
-Per step: a constrained sequence is scheduled only once its last token is on the host
-(``SamplingParams.needs_host_tokens``), so its matcher is current when ``fill_step`` writes
-its row of the bitmask into the step; after the step, ``advance`` feeds it the tokens it kept
-and reports the sequences whose grammar is complete (they finish with ``stop``) or broken.
+Per step: constrained sequences run ahead under async scheduling like any other, but the
+engine enqueues such a step in two halves (``LLMEngine.step``): the forward pass first, then,
+once the previous step's tokens have reached the host and ``advance`` has fed them to the
+matchers, ``fill_step`` writes each constrained row of the bitmask and the sampling is
+enqueued with it. ``advance`` reports the sequences whose grammar is complete (they finish
+with ``stop``) or broken.
 """
 
 from __future__ import annotations
@@ -88,11 +90,24 @@ class StructuredOutputManager:
     def __len__(self) -> int:
         return len(self._matchers)
 
+    def constrains(self, step: SchedulerOutput) -> bool:
+        """The step samples a constrained sequence."""
+        matchers = self._matchers
+        return bool(matchers) and any(
+            sid in matchers for s in step.scheduled for sid in s.sample_seq_ids
+        )
+
     def fill_step(self, step: SchedulerOutput) -> None:
-        """Attach the allowed-token bitmask of the step's constrained sample rows."""
+        """Attach the allowed-token bitmask of the step's constrained sample rows. A sequence
+        that finished meanwhile (its sample will be dropped) is left unconstrained."""
         if not self._matchers:
             return
-        ids = [sid for s in step.scheduled for sid in s.sample_seq_ids if sid in self._matchers]
+        ids = [
+            sid
+            for s in step.scheduled
+            for sid in s.sample_seq_ids
+            if sid in self._matchers and not self._matchers[sid].is_finished
+        ]
         if not ids:
             return
         bitmask = np.zeros((len(ids), self.width), dtype=np.int32)

@@ -10,6 +10,7 @@ were asked for. One host sync per step reads back the sampled ids (and logprobs 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +49,15 @@ def grammar_rows(
         if j is not None:
             mask[i] = bitmask[j]
     return torch.from_numpy(mask)
+
+
+@dataclass
+class ForwardOutput:
+    """A step between its forward pass and its sampling: its inputs (None: nothing was
+    scheduled) and the logits of its sampled and prompt-logprob rows (None: no such row)."""
+
+    inputs: StepInputs | None
+    logits: torch.Tensor | None
 
 
 class ModelRunner:
@@ -113,18 +123,21 @@ class ModelRunner:
         """Run one step and wait for its results."""
         return self.execute_async(sched).get()
 
-    @torch.inference_mode()
     def execute_async(self, step: SchedulerOutput) -> StepHandle:
-        """Apply the step's diffs to the sequence states, then enqueue it on the device; the
-        returned handle's ``get()`` waits for the results.
+        """Apply the step's diffs, enqueue its forward pass and its sampling (with the step's
+        own grammar bitmask); the returned handle's ``get()`` waits for the results."""
+        return self.sample_tokens(
+            self.execute_model(step), step.structured_seq_ids, step.grammar_bitmask
+        )
 
-        prepare (host inputs from the states) -> run (the model, eager or a CUDA graph) ->
-        sample (and prompt logprobs). A step with nothing scheduled only updates the states.
-        """
+    @torch.inference_mode()
+    def execute_model(self, step: SchedulerOutput) -> ForwardOutput:
+        """Apply the step's diffs to the sequence states and enqueue the forward pass up to
+        the logits (prepare -> run, eager or a CUDA graph). Sampling is a separate call so that
+        a grammar's mask for this step can be computed on the host while this runs."""
         self.states.apply(step)
-        handle = StepHandle(self.device)
         if not step.scheduled:
-            return handle
+            return ForwardOutput(None, None)
         inp = prepare_step_inputs(step, self.states, self.block_size, self._last_rows)
         fixups = None
         if inp.fix_rows:
@@ -134,22 +147,39 @@ class ModelRunner:
         hidden = self._run_model(inp, fixups)
         rows = inp.logit_rows
         if not rows:
-            return handle.seal()
-        dev = self.device
+            return ForwardOutput(inp, None)
         if len(rows) == hidden.shape[0] and rows[-1] == len(rows) - 1:
             logits = self.model.compute_logits(hidden)  # decode: every row samples
         else:
-            logits = self.model.compute_logits(hidden[h2d(rows, torch.int64, dev)])
+            logits = self.model.compute_logits(hidden[h2d(rows, torch.int64, self.device)])
+        return ForwardOutput(inp, logits)
+
+    @torch.inference_mode()
+    def sample_tokens(
+        self,
+        fwd: ForwardOutput,
+        structured_seq_ids: list[str] | None = None,
+        grammar_bitmask: np.ndarray | None = None,
+    ) -> StepHandle:
+        """Enqueue the sampling (and prompt logprobs) of a step whose forward pass
+        ``execute_model`` enqueued; ``grammar_bitmask`` rows constrain ``structured_seq_ids``.
+        The handle's ``get()`` waits for the results."""
+        handle = StepHandle(self.device)
+        inp, logits = fwd.inputs, fwd.logits
+        if inp is None:
+            return handle
+        if logits is None:
+            return handle.seal()
         if inp.sample_rows:
             mask = None
-            if step.grammar_bitmask is not None:
-                mask = grammar_rows(inp.sample_ids, step.structured_seq_ids, step.grammar_bitmask)
+            if grammar_bitmask is not None:
+                mask = grammar_rows(inp.sample_ids, structured_seq_ids or [], grammar_bitmask)
             self._sample(
                 logits, inp.sample_rows, inp.sample_src, inp.sample_ids, inp.drafts, handle, mask
             )
         if inp.prompt_spans:
             self._prompt_logprobs(
-                logits[h2d(inp.prompt_rows, torch.int64, dev)],
+                logits[h2d(inp.prompt_rows, torch.int64, self.device)],
                 inp.prompt_spans,
                 inp.prompt_targets,
                 handle,

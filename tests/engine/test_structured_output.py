@@ -177,3 +177,28 @@ def test_demo_model_answers_in_the_schema() -> None:
         "green",
         "blue",
     )
+
+
+def test_constrained_sequences_run_ahead_under_async_scheduling(llama_dir: Any) -> None:
+    """A constrained step is sampled after the previous step's tokens advanced its grammar, so
+    the sequence need not wait a step for its token: one step per token, as unconstrained."""
+    llm = LLM(str(llama_dir), async_scheduling=True)
+    runner = llm.llm_engine.runner
+    inner = runner.execute_model
+    steps: list[int] = []
+
+    def execute_model(step: Any) -> Any:
+        steps.append(len(step.scheduled))  # empty steps too: a waiting sequence costs one
+        return inner(step)
+
+    runner.execute_model = execute_model
+    params = SamplingParams(
+        temperature=0.0, max_tokens=30, structured_outputs={"regex": "[a-z ]{40}"}
+    )
+    c = llm.generate("count", params, use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch("[a-z ]*", c.text)
+    n = len(c.token_ids)
+    assert n >= 10
+    # One prompt step, one per token, plus at most one sampled after the sequence finished
+    # (a sequence waiting for its token on the host would need about two steps per token).
+    assert len(steps) <= n + 2, (len(steps), n)
