@@ -59,6 +59,12 @@ class GrammarBackend(ABC):
     @abstractmethod
     def matcher(self, grammar: CompiledGrammar) -> GrammarMatcher: ...
 
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
+        """Row i of ``bitmask`` gets ``matchers[i]``'s allowed tokens (a backend may fill the
+        rows in parallel)."""
+        for row, matcher in enumerate(matchers):
+            matcher.fill_bitmask(bitmask, row)
+
 
 _BACKENDS: dict[str, Callable[..., GrammarBackend]] = {}
 

@@ -25,6 +25,8 @@ from pagedllm.structured_output.backend import (
 )
 from pagedllm.structured_output.params import StructuredOutputsParams
 
+PARALLEL_FILL_MIN_ROWS = 4  # fewer constrained rows: fill them one by one on this thread
+
 
 def _closed_objects(schema: Any) -> Any:
     """``schema`` with ``additionalProperties: false`` on every object schema that does not
@@ -91,6 +93,8 @@ class LLGuidanceBackend(GrammarBackend):
         self.ll_tokenizer = llguidance.hf.from_tokenizer(
             tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None
         )
+        # Large batches fill their masks on llguidance's own threads (outside the GIL).
+        self._executor = llguidance.LLExecutor()
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         try:
@@ -101,6 +105,14 @@ class LLGuidanceBackend(GrammarBackend):
         if message:  # "" when the grammar is valid
             raise ValueError(f"structured outputs ({params.kind}): {message.strip()}")
         return _Compiled(grammar)
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
+        if len(matchers) < PARALLEL_FILL_MIN_ROWS:
+            super().fill_bitmasks(matchers, bitmask)
+            return
+        pairs = [(m._m, row) for row, m in enumerate(matchers) if isinstance(m, _Matcher)]
+        assert len(pairs) == len(matchers)
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
 
     def matcher(self, grammar: CompiledGrammar) -> GrammarMatcher:
         assert isinstance(grammar, _Compiled)

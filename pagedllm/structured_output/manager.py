@@ -111,8 +111,7 @@ class StructuredOutputManager:
         if not ids:
             return
         bitmask = np.zeros((len(ids), self.width), dtype=np.int32)
-        for row, sid in enumerate(ids):
-            self._matchers[sid].fill_bitmask(bitmask, row)
+        self.backend.fill_bitmasks([self._matchers[sid] for sid in ids], bitmask)
         step.structured_seq_ids = ids
         step.grammar_bitmask = bitmask
 

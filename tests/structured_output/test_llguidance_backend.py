@@ -94,3 +94,19 @@ def test_manager_reports_an_unusable_backend(tiny_tokenizer: Any) -> None:
     mgr = StructuredOutputManager(tiny_tokenizer, 10, [0], backend="no-such-backend")
     with pytest.raises(ValueError, match="unavailable.*no-such-backend"):
         mgr.compile(StructuredOutputsParams(regex="a"))
+
+
+def test_parallel_fill_equals_one_by_one(backend: Any) -> None:
+    """Enough rows for llguidance's threads: the same masks as filling each row in turn."""
+    grammars = [StructuredOutputsParams(regex=f"[a-c]{{{k}}}x") for k in range(1, 4)] + [
+        StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}}),
+        StructuredOutputsParams(choice=["red", "green"]),
+    ]
+    matchers = [backend.matcher(backend.compile(g)) for g in grammars + grammars]
+    width = bitmask_width(backend.vocab_size)
+    together = np.zeros((len(matchers), width), dtype=np.int32)
+    backend.fill_bitmasks(matchers, together)
+    alone = np.zeros_like(together)
+    for row, m in enumerate(matchers):
+        m.fill_bitmask(alone, row)
+    assert len(matchers) >= 4 and np.array_equal(together, alone) and together.any()
