@@ -99,7 +99,10 @@ class EngineCore:
                 priority=msg.priority,
             )
         except Exception as e:  # this request only; the engine keeps serving the others
-            return RequestError(msg.request_id, type(e).__name__, str(e))
+            # Any ValueError (JSONDecodeError, ...) is the request's fault: the API process
+            # re-raises it as ValueError, so the client gets a 400 rather than a 500.
+            kind = "ValueError" if isinstance(e, ValueError) else type(e).__name__
+            return RequestError(msg.request_id, kind, str(e))
         state = self.engine.output_processor.states.get(msg.request_id)
         self._live[msg.request_id] = [s.seq for s in state.seqs] if state is not None else []
         return None

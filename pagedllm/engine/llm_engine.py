@@ -95,10 +95,15 @@ class LLMEngine:
             for i in range(params.n)
         ]
         seqs[0].pending_forks = seqs[1:]
-        self.scheduler.add_sequence(seqs[0])  # raises if it can never fit
         if params.structured_outputs is not None:
             for seq in seqs:
                 self.structured_output.add_sequence(seq.seq_id, params.structured_outputs)
+        try:
+            self.scheduler.add_sequence(seqs[0])  # raises if it can never fit
+        except ValueError:
+            for seq in seqs:
+                self.structured_output.remove_sequence(seq.seq_id)
+            raise
         self._groups[request_id] = [s.seq_id for s in seqs]
         self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
         return request_id

@@ -67,10 +67,12 @@ class Heartbeat:
 
 @dataclass
 class RequestError:
-    """The engine rejected one request; nothing of it stays queued. Others are unaffected."""
+    """The engine rejected one request; nothing of it stays queued. Others are unaffected.
+    ``error_type`` "ValueError" (sent for any ValueError subclass too: the request's fault, a
+    400) is re-raised by ``AsyncLLM`` as ValueError, anything else as RuntimeError."""
 
     request_id: str
-    error_type: str  # "ValueError" is re-raised as ValueError, anything else as RuntimeError
+    error_type: str
     message: str
 
 

@@ -5,6 +5,7 @@ model, no process)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import time
 from pathlib import Path
@@ -150,3 +151,27 @@ def test_rejected_request_counts_as_received(core: EngineCore) -> None:
     core._last_sent = time.monotonic() - 60  # the heartbeat interval is up
     core.idle_report()
     assert sent.messages[-1] == Heartbeat()
+
+
+def test_rejected_request_errors_say_value_error(
+    core: EngineCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's own fault (any ValueError, a constraint that does not compile included)
+    travels as "ValueError", which the server answers with a 400; other errors keep their
+    type (a 500)."""
+    bad = SamplingParams(max_tokens=4, structured_outputs={"regex": "a(b"})
+    err = core.add(AddRequest("re", [5, 6], bad, time.monotonic()))
+    assert isinstance(err, RequestError) and err.error_type == "ValueError"
+    assert err.message.startswith("structured outputs (regex)") and "unclosed" in err.message
+    ok = SamplingParams(max_tokens=4)
+    for exc, kind in [
+        (json.JSONDecodeError("Expecting value", "x", 0), "ValueError"),
+        (KeyError("k"), "KeyError"),
+    ]:
+
+        def fail(*args: Any, exc: Exception = exc, **kwargs: Any) -> str:
+            raise exc
+
+        monkeypatch.setattr(core.engine, "add_request", fail)
+        err = core.add(AddRequest("sub", [5, 6], ok, time.monotonic()))
+        assert isinstance(err, RequestError) and err.error_type == kind

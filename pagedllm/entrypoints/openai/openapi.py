@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from pagedllm.entrypoints.openai.protocol import ErrorResponse
 
 _ERRORS = {
-    400: "Invalid request: a bad or unsupported field, a prompt that does not fit, bad JSON.",
+    400: "Invalid request: a bad or unsupported field, a prompt that does not fit, bad JSON, "
+    "a structured-output constraint that does not compile.",
     401: "Missing or invalid credentials (API key or JWT).",
     404: "The requested model does not exist.",
     408: "The request body did not arrive within --body-read-timeout.",

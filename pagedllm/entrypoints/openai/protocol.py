@@ -4,13 +4,16 @@ Types are strict, as OpenAI's API is: ``"max_tokens": "8"``, ``"echo": 0`` or
 ``"logprobs": "yes"`` are 400s, not silently coerced. Out-of-range values fail validation and
 become 400 errors too. Besides OpenAI's own fields, the vLLM extensions users rely on are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ...).
+``stop_token_ids``, ...), and structured output in all three spellings clients send: OpenAI's
+``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` object
+and its older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
+fields (``structured_outputs.py`` turns them into the engine's ``StructuredOutputsParams``).
 
 A field we do not implement is never silently ignored: ``reject_unsupported`` answers 400
-naming it (``response_format``, ``tools``, ``guided_json``, ...), unless it is
-listed in ``HARMLESS_FIELDS`` (bookkeeping fields that cannot change the output) or carries
-its "off" value (``null``, ``[]`` as in ``tools: []``, ``tool_choice: "none"``,
-``response_format: {"type": "text"}``).
+naming it (``tools``, ``tool_choice``, ``chat_template_kwargs``, ...; nested objects name
+theirs as ``structured_outputs.structural_tag``), unless it is listed in ``HARMLESS_FIELDS``
+(bookkeeping fields that cannot change the output) or carries its "off" value (``null``,
+``[]`` as in ``tools: []``, ``tool_choice: "none"``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ HARMLESS_FIELDS = frozenset(
 HARMLESS_MESSAGE_FIELDS = frozenset({"refusal", "annotations", "reasoning_content", "reasoning"})
 # Fields that are unsupported unless they carry their "off" value.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "response_format": ({"type": "text"},),
     "tool_choice": ("none",),
 }
+# ``structured_outputs`` fields of vLLM's that cannot change the output here: there is one
+# grammar backend, so there is nothing to fall back to.
+HARMLESS_STRUCTURED_OUTPUTS_FIELDS = frozenset({"disable_fallback"})
 
 
 class OpenAIModel(BaseModel):
@@ -74,6 +79,40 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
 
+class JsonSchemaFormat(OpenAIModel):
+    """``response_format.json_schema``: OpenAI's named JSON schema. ``strict`` is accepted
+    either way: the output always follows the schema."""
+
+    name: str
+    description: str | None = None
+    # Optional here so that a missing schema is a 400 naming it (structured_outputs.py).
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON
+    object) or ``json_schema`` (with ``json_schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's ``structured_outputs`` object: one of ``json`` (a JSON schema, or its text),
+    ``regex``, ``choice``, ``grammar`` (Lark or GBNF) or ``json_object``, and the options that
+    shape JSON output."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Sampling fields shared by chat and text completions."""
 
@@ -100,12 +139,33 @@ class SamplingFields(OpenAIModel):
     priority: int = 0
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # Structured output (at most one way of constraining; see structured_outputs.py).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older spellings
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
     def reject_unsupported(self) -> None:
         """400 naming the first unsupported field of the request."""
         reject_unsupported(self)
         if self.stream_options is not None:
             reject_unsupported(self.stream_options, "stream_options.")
+        if self.response_format is not None:
+            reject_unsupported(self.response_format, "response_format.", frozenset())
+            if self.response_format.json_schema is not None:
+                reject_unsupported(
+                    self.response_format.json_schema, "response_format.json_schema.", frozenset()
+                )
+        if self.structured_outputs is not None:
+            reject_unsupported(
+                self.structured_outputs,
+                "structured_outputs.",
+                HARMLESS_STRUCTURED_OUTPUTS_FIELDS,
+            )
 
 
 class TextContentPart(OpenAIModel):

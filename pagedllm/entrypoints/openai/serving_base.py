@@ -1,6 +1,7 @@
-"""What chat and text completions share: request checks, sampling-parameter building, running
-generations (several prompts merged into one stream, unfinished ones aborted however the
-stream ends), the queue timeout, and answering with one JSON body or an SSE stream.
+"""What chat and text completions share: request checks, sampling-parameter building (the
+structured-output constraint included, ``structured_outputs.py``), running generations
+(several prompts merged into one stream, unfinished ones aborted however the stream ends), the
+queue timeout, and answering with one JSON body or an SSE stream.
 
 Templating and tokenization run in the server's thread pool (``off_loop``), never on the event
 loop; see ``server_state.py``.
@@ -34,6 +35,11 @@ from pagedllm.entrypoints.openai.streaming import (
     chain,
     map_engine_error,
     race_disconnect,
+)
+from pagedllm.entrypoints.openai.structured_outputs import (
+    Constraint,
+    engine_constraint_error,
+    request_constraint,
 )
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -76,8 +82,9 @@ class OpenAIServing:
         """Run ``fn(*args)`` (templating, tokenization) in the tokenizer thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self.state.pool, fn, *args)
 
-    def check_common(self, req: SamplingFields) -> None:
-        """Request-level checks shared by chat and completions (before any tokenization)."""
+    def check_common(self, req: SamplingFields) -> Constraint | None:
+        """Request-level checks shared by chat and completions (before any tokenization);
+        returns the request's structured-output constraint, if any."""
         req.reject_unsupported()
         if req.n > self.state.max_n:
             raise bad_request(f"n must be at most {self.state.max_n}, got {req.n}.", "n")
@@ -101,6 +108,7 @@ class OpenAIServing:
                 f"[0, {self.processor.vocab_size}).",
                 "stop_token_ids",
             )
+        return request_constraint(req)
 
     def sampling_params(
         self,
@@ -110,6 +118,7 @@ class OpenAIServing:
         logprobs: int | None,
         prompt_logprobs: int | None,
         stream: bool,
+        constraint: Constraint | None = None,
     ) -> SamplingParams:
         defaults = self.engine.generation_defaults.sampling
 
@@ -141,6 +150,7 @@ class OpenAIServing:
                 logit_bias=_logit_bias(req.logit_bias, self.processor.vocab_size),
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
+                structured_outputs=constraint.params if constraint is not None else None,
                 output_kind=kind,
             )
         except ValueError as e:
@@ -194,12 +204,18 @@ class OpenAIServing:
             raise bad_request(str(e), param=param, code=code) from e
 
     async def merged_generate(
-        self, prompts: list[list[int]], params: SamplingParams, base_id: str, priority: int
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        base_id: str,
+        priority: int,
+        constraint: Constraint | None = None,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of one generation per prompt, interleaved as they come, tagged by index.
 
         However it ends (finished, error, cancelled by a disconnect, closed early), every
-        generation that has not finished is aborted in the engine.
+        generation that has not finished is aborted in the engine. The engine's refusal of
+        ``constraint`` (it does not compile) is raised as a 400 naming the request's field.
         """
         ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
         finished: set[int] = set()
@@ -241,6 +257,11 @@ class OpenAIServing:
                 if item.finished:
                     finished.add(i)
                 yield i, item
+        except ValueError as e:
+            err = engine_constraint_error(e, constraint)
+            if err is None:
+                raise
+            raise err from e
         finally:
             for t in tasks:
                 t.cancel()

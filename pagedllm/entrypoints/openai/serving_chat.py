@@ -109,7 +109,7 @@ class ChatServing(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, raw: Request, http_id: str) -> Response:
         model = self.model_name(req.model)
-        self.check_common(req)
+        constraint = self.check_common(req)
         self.check_fan_out(1, req.n)
         if req.top_logprobs is not None:
             if req.top_logprobs > MAX_LOGPROBS:
@@ -126,12 +126,13 @@ class ChatServing(OpenAIServing):
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             prompt_logprobs=None,
             stream=req.stream,
+            constraint=constraint,
         )
         self.check_prompt(prompt_ids, params, max_tokens, "messages")
         ctx = _ChatCtx(self, req, model, len(prompt_ids))
         ctx.tracker = self.tracker("chat.completions", ctx.id, http_id, req.stream)
         self.track_usage(ctx.tracker, rate_subject(raw), len(prompt_ids))
-        stream = self.merged_generate([prompt_ids], params, ctx.id, req.priority)
+        stream = self.merged_generate([prompt_ids], params, ctx.id, req.priority, constraint)
         return await self.respond(
             raw, ctx.tracker, stream, req.n, ctx.chunks if req.stream else None, ctx.final
         )

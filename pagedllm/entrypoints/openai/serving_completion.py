@@ -87,7 +87,7 @@ class CompletionServing(OpenAIServing):
 
     async def create(self, req: CompletionRequest, raw: Request, http_id: str) -> Response:
         model = self.model_name(req.model)
-        self.check_common(req)
+        constraint = self.check_common(req)
         if req.suffix:
             raise bad_request("suffix is not supported.", "suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -105,13 +105,14 @@ class CompletionServing(OpenAIServing):
             logprobs=req.logprobs,
             prompt_logprobs=echo_lp,
             stream=req.stream,
+            constraint=constraint,
         )
         for ids in prompts:
             self.check_prompt(ids, params, max_tokens, "prompt")
         ctx = _Ctx(self, req, model, prompts, scoring_only=max_tokens == 0)
         ctx.tracker = self.tracker("completions", ctx.id, http_id, req.stream)
         self.track_usage(ctx.tracker, rate_subject(raw), sum(len(p) for p in prompts))
-        stream = self.merged_generate(prompts, params, ctx.id, req.priority)
+        stream = self.merged_generate(prompts, params, ctx.id, req.priority, constraint)
         return await self.respond(
             raw, ctx.tracker, stream, req.n, ctx.chunks if req.stream else None, ctx.final
         )
