@@ -10,6 +10,9 @@ WORKLOAD:
   batch1   one request at a time, 512 in / 128 out; s per request and the decode step time
   penalty  256 x 512 in / 256 out: decode tok/s of the batch without, then with one
            repetition_penalty request among them, then without again
+  structured  64 x 512 in / up to 256 out: output tok/s free, every request constrained to
+           a customer-service ticket JSON schema, and half of them constrained (the free
+           half's tok/s reported separately)
 Each prints RESULT lines; every arm runs once untimed first (Triton compiles, allocator).
 """
 
@@ -20,6 +23,27 @@ import sys
 import time
 
 from pagedllm import LLM, SamplingParams
+
+# A customer-service ticket: nested objects, enums, an array and string patterns.
+TICKET_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "customer": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 60},
+                "email": {"type": "string", "pattern": "^[a-z0-9.]{1,20}@[a-z0-9]{1,20}\\.com$"},
+            },
+            "required": ["name", "email"],
+        },
+        "category": {"enum": ["billing", "shipping", "returns", "technical", "other"]},
+        "priority": {"enum": ["low", "medium", "high"]},
+        "order_ids": {"type": "array", "items": {"type": "string", "pattern": "^[0-9]{8}$"}},
+        "summary": {"type": "string", "maxLength": 600},
+    },
+    "required": ["customer", "category", "priority", "order_ids", "summary"],
+    "additionalProperties": False,
+}
 
 
 def main() -> None:
@@ -76,6 +100,25 @@ def main() -> None:
         ):
             _, dt = gen(prompts, params)
             print(f"RESULT {tag} {label}: {256 * 256 / dt:,.0f} output tok/s ({dt:.2f} s)")
+    elif work == "structured":
+        prompts = [ids(512) for _ in range(64)]
+        free = sp(256)
+        ticket = sp(256, structured_outputs={"json": TICKET_SCHEMA})
+        gen(prompts[:8], [ticket] * 8)
+        for label, params in (
+            ("free", [free] * 64),
+            ("constrained", [ticket] * 64),
+            ("half constrained", [free, ticket] * 32),
+        ):
+            outs, dt = gen(prompts, params)
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            pairs = zip(outs, params, strict=True)
+            n_free = sum(len(o.outputs[0].token_ids) for o, p in pairs if p is free)
+            print(
+                f"RESULT {tag} {label}: {n / dt:,.0f} output tok/s ({dt:.2f} s, {n} tokens; "
+                f"free requests {n_free / dt:,.0f} tok/s)",
+                flush=True,
+            )
     else:
         raise SystemExit(f"unknown workload {work!r}; see the module doc")
 
