@@ -66,6 +66,12 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool cannot supply the blocks.
         """
+        if not cached:  # the common case (a decode token): usually no new block is needed
+            blocks = self.seq_blocks.get(seq.seq_id)
+            if blocks is not None and (
+                seq.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size
+            ):
+                return True
         cached = cached or []
         blocks = self.seq_blocks.setdefault(seq.seq_id, [])
         total = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens

@@ -236,12 +236,17 @@ class Scheduler:
         if not seq.on_worker:
             out.new_sequences.append(self._new_data(seq))
         reset = seq.blocks_sent < 0
+        num_blocks = self.kv.num_blocks_of(seq.seq_id)
+        if reset or num_blocks > seq.blocks_sent:
+            block_ids = self.kv.block_ids_from(seq.seq_id, 0 if reset else seq.blocks_sent)
+        else:
+            block_ids = []
         out.scheduled.append(
             ScheduledSequence(
                 seq_id=seq.seq_id,
                 num_computed_tokens=start,
                 num_new_tokens=num_new,
-                block_ids=self.kv.block_ids_from(seq.seq_id, 0 if reset else seq.blocks_sent),
+                block_ids=block_ids,
                 reset_blocks=reset,
                 new_token_ids=seq.all_token_ids[seq.num_tokens_sent :],
                 sample_seq_ids=sample_ids,
@@ -249,7 +254,7 @@ class Scheduler:
             )
         )
         seq.drafts_in_flight = bool(drafts)
-        seq.blocks_sent = self.kv.num_blocks_of(seq.seq_id)
+        seq.blocks_sent = num_blocks
         seq.num_tokens_sent = seq.num_tokens
         seq.num_computed_tokens += num_new
         if samples:
