@@ -23,10 +23,11 @@ import numbers
 import operator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagedllm.device_utils import h2d
-from pagedllm.sample.token_mask import pack_token_mask, prepare_allowed_mask
+from pagedllm.sample.token_mask import bitmask_width, pack_token_mask, prepare_allowed_mask
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -264,22 +265,24 @@ def _with_allowed_ids(
     mask: torch.Tensor | None, rows: list[SamplingRow], vocab_size: int
 ) -> torch.Tensor | None:
     """``mask`` (packed int32 or ``[B, V]`` bool, or None) narrowed by each row's
-    ``allowed_token_ids``; ids outside the vocabulary allow nothing."""
+    ``allowed_token_ids``; ids outside the vocabulary allow nothing. Only the limited rows
+    are built, straight into packed words."""
     limited = [(i, r.params.allowed_token_ids) for i, r in enumerate(rows)]
     limited = [(i, ids) for i, ids in limited if ids]
     if not limited:
         return mask
-    allowed = torch.ones(len(rows), vocab_size, dtype=torch.bool)
+    packed = np.full((len(rows), bitmask_width(vocab_size)), -1, dtype=np.int32)
     for i, ids in limited:
-        allowed[i] = False
-        valid = [t for t in ids if 0 <= t < vocab_size]
-        allowed[i, valid] = True
-    packed = pack_token_mask(allowed)
+        valid = np.asarray([t for t in ids if 0 <= t < vocab_size], dtype=np.int64)
+        words = np.zeros(packed.shape[1], dtype=np.uint32)
+        np.bitwise_or.at(words, valid // 32, (1 << (valid % 32)).astype(np.uint32))
+        packed[i] = words.view(np.int32)
+    narrowed = torch.from_numpy(packed)
     if mask is None:
-        return packed
+        return narrowed
     if mask.dtype == torch.bool:
         mask = pack_token_mask(mask.cpu())
-    return mask.cpu() & packed
+    return mask.cpu() & narrowed
 
 
 def _logit_bias_coords(
