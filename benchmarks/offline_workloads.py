@@ -23,27 +23,7 @@ import sys
 import time
 
 from pagedllm import LLM, SamplingParams
-
-# A customer-service ticket: nested objects, enums, an array and string patterns.
-TICKET_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "customer": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "maxLength": 60},
-                "email": {"type": "string", "pattern": "^[a-z0-9.]{1,20}@[a-z0-9]{1,20}\\.com$"},
-            },
-            "required": ["name", "email"],
-        },
-        "category": {"enum": ["billing", "shipping", "returns", "technical", "other"]},
-        "priority": {"enum": ["low", "medium", "high"]},
-        "order_ids": {"type": "array", "items": {"type": "string", "pattern": "^[0-9]{8}$"}},
-        "summary": {"type": "string", "maxLength": 600},
-    },
-    "required": ["customer", "category", "priority", "order_ids", "summary"],
-    "additionalProperties": False,
-}
+from pagedllm.bench.schemas import TICKET_SCHEMA
 
 
 def main() -> None:

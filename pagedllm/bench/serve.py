@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import json
 import platform
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,20 @@ def add_serve_parser(bsub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--structured-output",
+        choices=["none", "ticket"],
+        default="none",
+        help="ticket: constrain outputs to a customer-service ticket JSON schema "
+        "(response_format json_schema)",
+    )
+    p.add_argument(
+        "--structured-output-ratio",
+        type=float,
+        default=1.0,
+        help="fraction of requests constrained (seeded choice); below 1 the report also gives "
+        "the constrained and the free requests' metrics apart",
+    )
     p.add_argument("--percentile-metrics", type=_csv(str), default=["ttft", "tpot", "itl", "e2el"])
     p.add_argument("--metric-percentiles", type=_csv(float), default=[50.0, 90.0, 99.0])
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
@@ -113,6 +128,8 @@ def check_args(args: argparse.Namespace) -> None:
          "--metric-percentiles must be in (0, 100)"),
         (args.dataset_name != "sharegpt" or bool(args.dataset_path),
          "--dataset-name sharegpt needs --dataset-path FILE.json"),
+        (0.0 <= args.structured_output_ratio <= 1.0,
+         "--structured-output-ratio must be in [0, 1]"),
     ]  # fmt: skip
     for ok, msg in checks:
         if not ok:
@@ -177,6 +194,20 @@ def load_workload(
     return sample_random(
         args.num_prompts, in_range, out_range, vocab, special_token_ids(tokenizer), args.seed
     )
+
+
+def mark_structured(reqs: list[ServeRequest], args: argparse.Namespace) -> set[int]:
+    """Give ``--structured-output-ratio`` of the requests (a seeded choice) the structured
+    output's ``response_format``; returns their indices."""
+    if args.structured_output == "none":
+        return set()
+    from pagedllm.bench.schemas import ticket_response_format
+
+    k = round(args.structured_output_ratio * len(reqs))
+    chosen = set(random.Random(args.seed).sample(range(len(reqs)), k))
+    for i in chosen:
+        reqs[i].response_format = ticket_response_format()
+    return chosen
 
 
 def to_serve_requests(
@@ -284,13 +315,24 @@ async def _benchmark(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
         max_len = card.get("max_model_len")
         workload = load_workload(args, tokenizer, tok_dir, max_len)
         reqs = to_serve_requests(workload, tokenizer, client.chat)
+        constrained = mark_structured(reqs, args)
         await _ready(client, reqs[0], deadline)
         offsets = arrival_offsets(len(reqs), args.request_rate, args.burstiness, args.seed)
         with tqdm(total=len(reqs), desc="requests", disable=args.disable_tqdm) as bar:
             results, duration, t0 = await run_requests(
                 client, reqs, offsets, args.max_concurrency, bar
             )
-    metrics = compute_metrics(reqs, results, duration, tokenizer, args.metric_percentiles, t0)
+    pct = args.metric_percentiles
+    metrics = compute_metrics(reqs, results, duration, tokenizer, pct, t0)
+    if 0 < len(constrained) < len(reqs):  # mixed: each group's latencies apart
+        groups = {"constrained": constrained, "free": set(range(len(reqs))) - constrained}
+        metrics["groups"] = {
+            name: compute_metrics(
+                [reqs[i] for i in sorted(idx)], [results[i] for i in sorted(idx)],
+                duration, tokenizer, pct, t0,
+            )
+            for name, idx in groups.items()
+        }  # fmt: skip
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "backend": "openai-chat" if client.chat else "openai",
@@ -336,6 +378,11 @@ def main(args: argparse.Namespace) -> int:
     inf = float("inf")
     res["args"] = {k: "inf" if v == inf else v for k, v in vars(args).items() if k != "func"}
     print(serve_metrics.text_table(res, args.percentile_metrics))
+    for name, group in res.get("groups", {}).items():
+        print(
+            f"{name} requests ({group['completed']}): median TTFT "
+            f"{group['median_ttft_ms']:.1f} ms, median TPOT {group['median_tpot_ms']:.2f} ms"
+        )
     if res["errors"]:
         print(f"{res['failed']} requests failed; first error: {res['errors'][0][:300]}")
     if args.save_result:

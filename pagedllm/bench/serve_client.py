@@ -38,6 +38,7 @@ class ServeRequest:
     prompt: list[int] | str
     prompt_len: int
     output_len: int
+    response_format: dict[str, Any] | None = None  # structured output (None: free text)
 
 
 @dataclass
@@ -162,6 +163,8 @@ class ServeClient:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         body.update(self.sampling)
+        if req.response_format is not None:
+            body["response_format"] = req.response_format
         return body
 
     async def send(self, req: ServeRequest) -> ServeResult:

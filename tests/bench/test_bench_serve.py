@@ -297,3 +297,21 @@ def test_against_real_server(llama_dir: Path, tmp_path: Path) -> None:
         thread.join(30)
         if engine.is_running:
             engine.shutdown()
+
+
+def test_structured_output_ratio(fake: Any, tmp_path: Path) -> None:
+    """Half the requests carry the ticket schema as response_format; the report gives each
+    group's metrics apart."""
+    srv = fake()
+    flags = "--num-prompts 8 --random-input-len 12 --random-output-len 4 --ignore-eos "
+    flags += "--structured-output ticket --structured-output-ratio 0.5 --seed 3"
+    res = _bench(srv, tmp_path / "so.json", flags)
+    formats = [b.get("response_format") for b in srv.bodies[-8:]]  # the measured requests
+    assert sum(f is not None for f in formats) == 4
+    assert all(f["json_schema"]["schema"]["required"][0] == "customer" for f in formats if f)
+    groups = res["groups"]
+    assert groups["constrained"]["completed"] == groups["free"]["completed"] == 4
+    assert groups["free"]["median_tpot_ms"] >= 0
+    everything = _bench(srv, tmp_path / "all.json", flags.replace("0.5", "1"))
+    assert "groups" not in everything
+    assert all(b.get("response_format") for b in srv.bodies[-8:])
