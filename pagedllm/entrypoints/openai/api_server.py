@@ -39,21 +39,26 @@ from pagedllm.entrypoints.openai.openapi import (
 )
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
-    ChatCompletionResponse,
     CompletionRequest,
-    CompletionResponse,
     DetokenizeRequest,
+    TokenizeRequest,
+    reject_unsupported,
+    reject_unsupported_tools,
+)
+from pagedllm.entrypoints.openai.protocol_responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
-    reject_unsupported,
 )
 from pagedllm.entrypoints.openai.server_state import ServerState, check_unicode
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
+from pagedllm.entrypoints.openai.tool_calls import check_tools
+from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
 
 if TYPE_CHECKING:
     from pagedllm.engine.async_llm import AsyncLLM
@@ -92,6 +97,9 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
     (missing ones take their defaults)."""
     names = served_model_names(args, engine)
     rate_limiter = build_rate_limiter(args)
+    parser = _opt(args, "tool_call_parser", None)
+    if parser is not None:
+        get_tool_parser(parser)  # ValueError naming the known parsers
     state = ServerState(
         engine=engine,
         served_model_names=names,
@@ -104,6 +112,8 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         log_requests=not _opt(args, "disable_log_requests", False),
         rate_limiter=rate_limiter,
         tokenizer_pool_size=int(_opt(args, "tokenizer_pool_size", 4)),
+        enable_auto_tool_choice=bool(_opt(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=_opt(args, "tool_call_parser", None),
     )
     chat = ChatServing(state)
     completion = CompletionServing(state)
@@ -190,8 +200,12 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         chat.model_name(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("Pass exactly one of prompt or messages.", "prompt")
+        if body.tools and body.messages is None:
+            raise bad_request("tools are rendered with messages only.", "tools")
         if body.messages is not None:
-            ids = await chat.render_checked(body.messages, body.add_generation_prompt)
+            reject_unsupported_tools(body.tools)
+            tools = check_tools(body.tools)
+            ids = await chat.render_checked(body.messages, body.add_generation_prompt, tools)
         else:
             text, special = body.prompt, body.add_special_tokens
             state.check_text_fits(len(text), "prompt")

@@ -23,6 +23,7 @@ from typing import Any
 from pagedllm.config.cli_args import add_engine_args, engine_kwargs_from_args
 from pagedllm.config.model import DEMO_MODEL_DIR
 from pagedllm.entrypoints.openai.auth import add_auth_args
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,19 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--chat-template", default=None, help="Jinja chat template (file path or inline text)"
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='allow tool_choice "auto" (the default when a request has tools): the model\'s '
+        "own tool-call markup is parsed into tool_calls; needs --tool-call-parser",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_PARSERS),
+        help='the model\'s tool-call format for tool_choice "auto": hermes (Hermes, Qwen2.5: '
+        "<tool_call> blocks) or llama3_json (Llama 3.1/3.2 JSON)",
     )
     g.add_argument("--disable-log-requests", action="store_true")
     g.add_argument(
@@ -187,6 +201,9 @@ def _check(args: argparse.Namespace) -> None:
          "--max-waiting-requests must be >= 0"),
         (args.queue_timeout is None or args.queue_timeout > 0, "--queue-timeout must be > 0"),
         (0 <= args.port <= 65535, "--port must be in [0, 65535]"),
+        (not args.enable_auto_tool_choice or args.tool_call_parser is not None,
+         "--enable-auto-tool-choice needs --tool-call-parser (one of "
+         + ", ".join(sorted(TOOL_PARSERS)) + ")"),
     ]  # fmt: skip
     for ok, msg in checks:
         if not ok:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagedllm.entrypoints.openai.protocol import (
+from pagedllm.entrypoints.openai.protocol_responses import (
     ChatLogprobEntry,
     ChatLogprobs,
     CompletionLogprobs,

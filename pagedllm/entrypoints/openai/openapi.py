@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from pagedllm.entrypoints.openai.protocol import ErrorResponse
+from pagedllm.entrypoints.openai.protocol_responses import ErrorResponse
 
 _ERRORS = {
     400: "Invalid request: a bad or unsupported field, a prompt that does not fit, bad JSON, "

@@ -1,24 +1,26 @@
-"""Pydantic models of the OpenAI API requests and responses the server speaks.
+"""Pydantic models of the OpenAI API requests the server reads (the answers are in
+``protocol_responses.py``).
 
 Types are strict, as OpenAI's API is: ``"max_tokens": "8"``, ``"echo": 0`` or
 ``"logprobs": "yes"`` are 400s, not silently coerced. Out-of-range values fail validation and
 become 400 errors too. Besides OpenAI's own fields, the vLLM extensions users rely on are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ...), and structured output in all three spellings clients send: OpenAI's
-``response_format`` (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` object
-and its older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``
-fields (``structured_outputs.py`` turns them into the engine's ``StructuredOutputsParams``).
+``stop_token_ids``, ``allowed_token_ids``, ``bad_words``, ...), structured output in all three
+spellings clients send: OpenAI's ``response_format`` (``json_object``, ``json_schema``),
+vLLM's ``structured_outputs`` object and its older ``guided_json`` / ``guided_regex`` /
+``guided_choice`` / ``guided_grammar`` fields (``structured_outputs.py`` turns them into the
+engine's ``StructuredOutputsParams``), and tool calling on chat (``tools``, ``tool_choice``,
+``parallel_tool_calls``; ``tool_calls.py``).
 
 A field we do not implement is never silently ignored: ``reject_unsupported`` answers 400
-naming it (``tools``, ``tool_choice``, ``chat_template_kwargs``, ...; nested objects name
-theirs as ``structured_outputs.structural_tag``), unless it is listed in ``HARMLESS_FIELDS``
-(bookkeeping fields that cannot change the output) or carries its "off" value (``null``,
-``[]`` as in ``tools: []``, ``tool_choice: "none"``).
+naming it (``chat_template_kwargs``, ``tools`` on text completions, ...; nested objects name
+theirs as ``structured_outputs.structural_tag`` or ``tools[0].function.examples``), unless it
+is listed in ``HARMLESS_FIELDS`` (bookkeeping fields that cannot change the output) or carries
+its "off" value (``null``, ``[]`` as in ``tools: []``, ``tool_choice: "none"``).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,6 +115,41 @@ class StructuredOutputsField(OpenAIModel):
     whitespace_pattern: str | None = None
 
 
+class FunctionDefinition(OpenAIModel):
+    """A tool's function: ``parameters`` is the JSON schema of its arguments object (none: no
+    arguments). ``strict`` is accepted either way: forced calls always follow the schema."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    """One entry of ``tools``: only function tools exist here."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    """``tool_choice`` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def reject_unsupported_tools(tools: list[ChatTool] | None) -> None:
+    """400 naming the first unsupported field of a tool definition."""
+    for i, tool in enumerate(tools or []):
+        reject_unsupported(tool, f"tools[{i}].", frozenset())
+        reject_unsupported(tool.function, f"tools[{i}].function.", frozenset())
+
+
 class SamplingFields(OpenAIModel):
     """Sampling fields shared by chat and text completions."""
 
@@ -139,6 +176,8 @@ class SamplingFields(OpenAIModel):
     priority: int = 0
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # vLLM: sample only these token ids
+    bad_words: list[str] | None = None  # vLLM: words never to generate
     # Structured output (at most one way of constraining; see structured_outputs.py).
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -173,21 +212,46 @@ class TextContentPart(OpenAIModel):
     text: str | None = None
 
 
+class FunctionCall(OpenAIModel):
+    """A call of an earlier assistant turn: ``arguments`` as OpenAI sends them (JSON text), or
+    already an object."""
+
+    name: str
+    arguments: str | dict[str, Any]
+
+
+class MessageToolCall(OpenAIModel):
+    """An entry of an assistant message's ``tool_calls`` (its other fields, such as the
+    ``index`` of accumulated stream snapshots, are history the template never reads)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    # Unset: "auto" when tools are given, else "none" (see tool_calls.py).
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def reject_unsupported(self) -> None:
         super().reject_unsupported()
         for i, m in enumerate(self.messages):
             reject_unsupported(m, f"messages[{i}].", HARMLESS_MESSAGE_FIELDS)
+        reject_unsupported_tools(self.tools)
+        if isinstance(self.tool_choice, NamedToolChoice):
+            reject_unsupported(self.tool_choice, "tool_choice.", frozenset())
+            reject_unsupported(self.tool_choice.function, "tool_choice.function.", frozenset())
 
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -207,6 +271,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # with messages: rendered by the chat template
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -215,151 +280,3 @@ class TokenizeRequest(OpenAIModel):
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[int]
-
-
-# ---- responses ---------------------------------------------------------------------------
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatLogprobEntry(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatLogprobEntry] | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    """The legacy completions form: parallel lists, one item per token."""
-
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: dict[str, Any]  # {"role", "content"} subsets, exactly as OpenAI sends them
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
-    owned_by: str = "pagedllm"
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeResponse(BaseModel):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class VersionResponse(BaseModel):
-    version: str

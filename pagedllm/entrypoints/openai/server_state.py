@@ -27,6 +27,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
 MAX_PROMPTS = 1024
 
 
@@ -45,6 +47,8 @@ class ServerState:
     log_requests: bool = True
     rate_limiter: RateLimiter | None = None
     tokenizer_pool_size: int = 4
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (with tool_call_parser)
+    tool_call_parser: str | None = None  # a name in tool_parsers.TOOL_PARSERS
     pool: ThreadPoolExecutor = field(init=False)
     max_chars_per_token: int = field(init=False)
 

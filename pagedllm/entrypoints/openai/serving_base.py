@@ -1,5 +1,6 @@
-"""What chat and text completions share: request checks, sampling-parameter building (the
-structured-output constraint included, ``structured_outputs.py``), running generations
+"""What chat and text completions share: request checks (the token-level fields in
+``token_fields.py``), sampling-parameter building (the structured-output constraint included,
+``structured_outputs.py``), running generations
 (several prompts merged into one stream, unfinished ones aborted however the stream ends), the
 queue timeout, and answering with one JSON body or an SSE stream.
 
@@ -23,13 +24,7 @@ from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker,
 from pagedllm.entrypoints.openai.errors import APIError, bad_request
 from pagedllm.entrypoints.openai.logprobs import TokenBytes
 from pagedllm.entrypoints.openai.protocol import SamplingFields
-from pagedllm.entrypoints.openai.server_state import (
-    MAX_STOP_STRING_CHARS,
-    MAX_STOP_STRINGS,
-    MAX_STOP_TOKEN_IDS,
-    ServerState,
-    check_unicode,
-)
+from pagedllm.entrypoints.openai.server_state import ServerState
 from pagedllm.entrypoints.openai.streaming import (
     ClientDisconnected,
     chain,
@@ -41,6 +36,7 @@ from pagedllm.entrypoints.openai.structured_outputs import (
     engine_constraint_error,
     request_constraint,
 )
+from pagedllm.entrypoints.openai.token_fields import check_token_fields, logit_bias_ids
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -92,22 +88,7 @@ class OpenAIServing:
             self.processor.check_priority(req.priority)
         except ValueError as e:
             raise bad_request(str(e), "priority") from None
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed.", "stop")
-        for s in stops:
-            if not s or len(s) > MAX_STOP_STRING_CHARS:
-                raise bad_request(
-                    f"Stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters long.", "stop"
-                )
-            check_unicode(s, "stop")
-        ids = req.stop_token_ids or []
-        if len(ids) > MAX_STOP_TOKEN_IDS or not self.processor.in_vocab(ids):
-            raise bad_request(
-                f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, each in "
-                f"[0, {self.processor.vocab_size}).",
-                "stop_token_ids",
-            )
+        check_token_fields(req, self.processor)
         return request_constraint(req)
 
     def sampling_params(
@@ -147,7 +128,9 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
-                logit_bias=_logit_bias(req.logit_bias, self.processor.vocab_size),
+                logit_bias=logit_bias_ids(req.logit_bias, self.processor.vocab_size),
+                allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words or None,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 structured_outputs=constraint.params if constraint is not None else None,
@@ -377,22 +360,3 @@ class OpenAIServing:
         finally:
             tracker.finish(status, max(count.value, tracker.output_tokens), error)
         yield "data: [DONE]\n\n"
-
-
-def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
-    """OpenAI's ``logit_bias`` (token ids as JSON object keys) with integer keys; a 400 naming
-    ``logit_bias`` for a key that is not a token id or a bias outside [-100, 100]."""
-    if not bias:
-        return None
-    out: dict[int, float] = {}
-    for key, value in bias.items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise bad_request(
-                f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}.", "logit_bias"
-            )
-        if not -100.0 <= value <= 100.0:
-            raise bad_request(
-                f"logit_bias[{key}] must be in [-100, 100], got {value}.", "logit_bias"
-            )
-        out[int(key)] = value
-    return out

@@ -1,9 +1,11 @@
 """``POST /v1/chat/completions``: chat completions in OpenAI's shape.
 
-Messages (system / developer / user / assistant / tool; string or text-part content) are
-rendered with the model's chat template (or ``--chat-template``) and tokenized. Streaming sends
-a ``role`` chunk per choice, then content deltas, then a ``finish_reason`` chunk per choice,
-an optional usage chunk and ``data: [DONE]``.
+Messages (system / developer / user / assistant / tool; string or text-part content; assistant
+``tool_calls``) and ``tools`` are rendered with the model's chat template (or
+``--chat-template``; ``chat_render.py``) and tokenized. ``tool_calls.py`` decides how the
+output becomes tool calls. Streaming sends a ``role`` chunk per choice, then content (and
+tool-call) deltas, then a ``finish_reason`` chunk per choice, an optional usage chunk and
+``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -15,101 +17,68 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from pagedllm.engine.tokenizer import apply_chat_template
 from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker, TokenCount
+from pagedllm.entrypoints.openai.chat_render import content_chars, render_chat, template_messages
 from pagedllm.entrypoints.openai.errors import bad_request
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+)
+from pagedllm.entrypoints.openai.protocol_responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatStreamChoice,
+    FunctionCallOut,
     PromptTokensDetails,
+    ToolCallOut,
     UsageInfo,
 )
-from pagedllm.entrypoints.openai.server_state import (
-    MAX_LOGPROBS,
-    check_unicode,
-    random_id,
-    rate_subject,
-)
+from pagedllm.entrypoints.openai.server_state import MAX_LOGPROBS, random_id, rate_subject
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
 from pagedllm.entrypoints.openai.streaming import StreamOptionsMixin
+from pagedllm.entrypoints.openai.tool_calls import ToolPlan, delta_dicts, plan_tools
+from pagedllm.entrypoints.openai.tool_parsers import ToolCallStreamer
 from pagedllm.outputs import RequestOutput
-
-_TEXT_PART_TYPES = ("text", "input_text")
-
-
-def content_chars(messages: list[ChatMessage]) -> int:
-    """Characters of text in ``messages`` (the template only adds to them)."""
-    total = 0
-    for m in messages:
-        if isinstance(m.content, str):
-            total += len(m.content)
-        elif m.content is not None:
-            total += sum(len(p.text or "") for p in m.content)
-    return total
-
-
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Request messages as chat-template dicts (text parts joined, ``developer`` -> system)."""
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        if isinstance(m.content, list):
-            texts: list[str] = []
-            for part in m.content:
-                if part.type not in _TEXT_PART_TYPES or part.text is None:
-                    raise bad_request(
-                        f"messages[{i}]: unsupported content part type {part.type!r}; only "
-                        "text parts are supported.",
-                        "messages",
-                    )
-                texts.append(part.text)
-            content = "\n".join(texts)
-        else:
-            content = m.content or ""
-        check_unicode(content, "messages")
-        if m.name is not None:
-            check_unicode(m.name, "messages")
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
-        d["content"] = content
-        if m.name is not None:
-            d["name"] = m.name
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        if m.tool_calls:
-            d["tool_calls"] = m.tool_calls
-        out.append(d)
-    return out
 
 
 class ChatServing(OpenAIServing):
     """Handles ``/v1/chat/completions``."""
 
-    def render(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        """Chat-template token ids of ``messages``; template problems are 400s."""
+    def render(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Chat-template token ids of ``messages`` (and ``tools``); template problems are 400s."""
         conv = template_messages(messages)
         try:
-            return apply_chat_template(
-                self.tokenizer, conv, add_generation_prompt, self.state.chat_template
+            return render_chat(
+                self.tokenizer, conv, add_generation_prompt, self.state.chat_template, tools
             )
         except Exception as e:  # jinja errors, raise_exception() in templates, no template
             raise bad_request(f"Cannot apply the chat template: {e}", "messages") from e
 
     async def render_checked(
-        self, messages: list[ChatMessage], add_generation_prompt: bool
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """``render`` in the tokenizer pool, after the instant too-long check."""
-        self.state.check_text_fits(content_chars(messages), "messages")
-        return await self.off_loop(self.render, messages, add_generation_prompt)
+        self.state.check_text_fits(content_chars(messages, tools), "messages")
+        return await self.off_loop(self.render, messages, add_generation_prompt, tools)
 
     async def create(self, req: ChatCompletionRequest, raw: Request, http_id: str) -> Response:
         model = self.model_name(req.model)
         constraint = self.check_common(req)
+        plan = plan_tools(req, constraint, self.state)
+        if plan.constraint is not None:
+            constraint = plan.constraint
         self.check_fan_out(1, req.n)
         if req.top_logprobs is not None:
             if req.top_logprobs > MAX_LOGPROBS:
@@ -119,7 +88,7 @@ class ChatServing(OpenAIServing):
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise bad_request("max_tokens must be at least 1.", "max_tokens")
-        prompt_ids = await self.render_checked(req.messages, req.add_generation_prompt)
+        prompt_ids = await self.render_checked(req.messages, req.add_generation_prompt, plan.tools)
         params = self.sampling_params(
             req,
             max_tokens=max_tokens,
@@ -129,7 +98,7 @@ class ChatServing(OpenAIServing):
             constraint=constraint,
         )
         self.check_prompt(prompt_ids, params, max_tokens, "messages")
-        ctx = _ChatCtx(self, req, model, len(prompt_ids))
+        ctx = _ChatCtx(self, req, model, len(prompt_ids), plan)
         ctx.tracker = self.tracker("chat.completions", ctx.id, http_id, req.stream)
         self.track_usage(ctx.tracker, rate_subject(raw), len(prompt_ids))
         stream = self.merged_generate([prompt_ids], params, ctx.id, req.priority, constraint)
@@ -142,9 +111,15 @@ class _ChatCtx(StreamOptionsMixin):
     """Per-request formatting state."""
 
     def __init__(
-        self, serving: ChatServing, req: ChatCompletionRequest, model: str, prompt_len: int
+        self,
+        serving: ChatServing,
+        req: ChatCompletionRequest,
+        model: str,
+        prompt_len: int,
+        plan: ToolPlan,
     ) -> None:
         self.s = serving
+        self.plan = plan
         self.req = req
         self.model = model
         self.prompt_len = prompt_len
@@ -171,12 +146,17 @@ class _ChatCtx(StreamOptionsMixin):
         choices = []
         for j in sorted(r.choices):
             st = r.choices[j]
+            content, calls = self.plan.parse(st.text)
+            tool_calls = [
+                ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                for c in calls
+            ]
             choices.append(
                 ChatChoice(
                     index=j,
-                    message=AssistantMessage(content=st.text),
+                    message=AssistantMessage(content=content, tool_calls=tool_calls),
                     logprobs=self._logprobs(st.token_ids, st.logprobs),
-                    finish_reason=st.finish_reason,
+                    finish_reason=self.plan.finish_reason(st.finish_reason, bool(calls)),
                     stop_reason=st.stop_reason,
                 )
             )
@@ -195,9 +175,12 @@ class _ChatCtx(StreamOptionsMixin):
     async def chunks(
         self, items: AsyncIterator[tuple[int, RequestOutput]], count: TokenCount
     ) -> AsyncIterator[str]:
+        role = {"role": "assistant", "content": None if self.plan.forced else ""}
         for j in range(self.req.n):
-            yield self._chunk(ChatStreamChoice(index=j, delta={"role": "assistant", "content": ""}))
+            yield self._chunk(ChatStreamChoice(index=j, delta=dict(role)))
         cached = 0
+        streamers: dict[int, ToolCallStreamer | None] = {}
+        called: set[int] = set()  # choices that sent a tool call
         async for _, out in items:
             self.tracker.on_output(0, out, 0)
             cached = max(cached, out.num_cached_tokens)
@@ -206,15 +189,30 @@ class _ChatCtx(StreamOptionsMixin):
                 count.value += len(ids)
                 usage = self._usage(count.value, cached) if self._continuous_usage else None
                 lp = self._logprobs(ids, c.logprobs) if ids else None
-                if c.text or ids:  # every step with new tokens streams a chunk, as vLLM
-                    delta = {"content": c.text}
-                    choice = ChatStreamChoice(index=c.index, delta=delta, logprobs=lp)
+                if c.index not in streamers:
+                    streamers[c.index] = self.plan.streamer()
+                streamer = streamers[c.index]
+                if streamer is None:
+                    deltas = [{"content": c.text}] if c.text or ids else []  # as vLLM
+                else:
+                    msg = streamer.feed(c.text)
+                    if c.finish_reason is not None:
+                        msg.extend(streamer.finish())
+                    deltas = delta_dicts(msg, self.plan.parallel)
+                    if any("tool_calls" in d for d in deltas):
+                        called.add(c.index)
+                    if not deltas and lp is not None:
+                        deltas = [{}]  # the step's logprobs still go out
+                for k, delta in enumerate(deltas):
+                    choice = ChatStreamChoice(
+                        index=c.index, delta=delta, logprobs=lp if k == 0 else None
+                    )
                     yield self._chunk(choice, usage)
                 if c.finish_reason is not None:
                     choice = ChatStreamChoice(
                         index=c.index,
                         delta={},
-                        finish_reason=c.finish_reason,
+                        finish_reason=self.plan.finish_reason(c.finish_reason, c.index in called),
                         stop_reason=c.stop_reason,
                     )
                     yield self._chunk(choice, usage)

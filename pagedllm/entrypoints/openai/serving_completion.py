@@ -22,11 +22,11 @@ from pagedllm.entrypoints.openai.accounting import (
 )
 from pagedllm.entrypoints.openai.errors import bad_request
 from pagedllm.entrypoints.openai.logprobs import append_legacy_logprobs
-from pagedllm.entrypoints.openai.protocol import (
+from pagedllm.entrypoints.openai.protocol import CompletionRequest
+from pagedllm.entrypoints.openai.protocol_responses import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     PromptTokensDetails,
     UsageInfo,

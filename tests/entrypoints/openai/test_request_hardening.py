@@ -114,15 +114,13 @@ def test_lone_surrogate_is_400(http: httpx.Client, path: str, body: str, param: 
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
-        (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}]),
-        (CHAT, "tool_choice", "auto"),
-        (CHAT, "tool_choice", "required"),
         (CHAT, "chat_template_kwargs", {"enable_thinking": False}),
         (CHAT, "continue_final_message", True),
         (CHAT, "prompt_logprobs", 1),
         (CHAT, "some_future_field", {"a": [1]}),
         (CHAT, "web_search_options", {}),  # {} turns search on: not an "off" value
         (COMPLETIONS, "tools", [{"type": "function", "function": {"name": "f"}}]),
+        (COMPLETIONS, "tool_choice", "auto"),
         (COMPLETIONS, "some_future_field", 1),
     ],
 )
