@@ -52,14 +52,17 @@ def apply_chat_template(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    no_template_hint: str = "pass chat_template=... or use generate()",
 ) -> list[int]:
-    """Render a conversation with the model's chat template and tokenize it."""
+    """Render a conversation (and ``tools``, for templates that describe them) with the
+    model's chat template and tokenize it; ValueError, ending with ``no_template_hint``, when
+    there is no template."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "This model's tokenizer has no chat template; pass chat_template=... or use generate()."
-        )
+        raise ValueError(f"This model's tokenizer has no chat template; {no_template_hint}.")
     ids = tokenizer.apply_chat_template(
         messages,
+        tools=tools,
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
         tokenize=True,

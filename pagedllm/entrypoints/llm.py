@@ -74,12 +74,19 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them (with
+        ``tools``, OpenAI-style function definitions, for templates that describe them), then
+        generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
         prompts: list[PromptType] = [
-            {"prompt_token_ids": apply_chat_template(tok, c, add_generation_prompt, chat_template)}
+            {
+                "prompt_token_ids": apply_chat_template(
+                    tok, c, add_generation_prompt, chat_template, tools
+                )
+            }
             for c in convs  # type: ignore[arg-type]
         ]
         return self.generate(prompts, sampling_params, use_tqdm)

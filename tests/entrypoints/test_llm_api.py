@@ -49,6 +49,19 @@ def test_chat_uses_template(llm, tiny_tokenizer) -> None:  # type: ignore[no-unt
     assert [o.outputs[0].token_ids for o in two] == [out.outputs[0].token_ids] * 2
 
 
+def test_chat_passes_tools_to_the_template(llm, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    template = (
+        "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{{ messages[0].content }}"
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    params = SamplingParams(max_tokens=1)
+    out = llm.chat(msgs, params, use_tqdm=False, chat_template=template, tools=tools)[0]
+    assert tiny_tokenizer.decode(out.prompt_token_ids) == "[get_weather]hi"
+    plain = llm.chat(msgs, params, use_tqdm=False, chat_template=template)[0]
+    assert tiny_tokenizer.decode(plain.prompt_token_ids) == "hi"
+
+
 def test_cli_generate(llama_dir, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["generate", str(llama_dir), "def f(x):", "--max-tokens", "4", "--ignore-eos"]) == 0
     captured = capsys.readouterr()

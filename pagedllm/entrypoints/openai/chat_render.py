@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from pagedllm.engine.tokenizer import apply_chat_template
 from pagedllm.entrypoints.openai.errors import bad_request
 from pagedllm.entrypoints.openai.protocol import ChatMessage, MessageToolCall
 from pagedllm.entrypoints.openai.server_state import check_unicode
@@ -93,19 +94,11 @@ def render_chat(
 ) -> list[int]:
     """Token ids of the conversation rendered with the chat template, ``tools`` passed to it
     (ValueError when the model has no template and none was given)."""
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "This model's tokenizer has no chat template; start the server with "
-            "--chat-template or use /v1/completions."
-        )
-    ids = tokenizer.apply_chat_template(
+    return apply_chat_template(
+        tokenizer,
         messages,
-        tools=tools,
-        chat_template=chat_template,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-        return_dict=False,
+        add_generation_prompt,
+        chat_template,
+        tools,
+        no_template_hint="start the server with --chat-template or use /v1/completions",
     )
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
