@@ -16,6 +16,7 @@ with ``stop``) or broken.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -33,6 +34,9 @@ from pagedllm.structured_output.backend import (
 from pagedllm.structured_output.params import StructuredOutputsParams
 
 CACHE_SIZE = 256  # distinct compiled grammars kept
+# Longest the engine waits for one constraint to compile (llguidance takes milliseconds for
+# ordinary schemas and bounds its own work; this is the backstop for pathological input).
+COMPILE_TIMEOUT_S = 5.0
 
 
 class StructuredOutputManager:
@@ -46,6 +50,9 @@ class StructuredOutputManager:
         self._backend: GrammarBackend | None = None
         self._backend_error: BaseException | None = None
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        # Compilations run here so that the engine can stop waiting for one; an abandoned one
+        # keeps its thread until it ends, the others stay free for the next requests.
+        self._compiler = concurrent.futures.ThreadPoolExecutor(4, "grammar-compile")
         self._matchers: dict[str, GrammarMatcher] = {}
 
         def build() -> None:
@@ -65,13 +72,22 @@ class StructuredOutputManager:
         return self._backend
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
-        """The compiled constraint (cached); ValueError if it does not compile."""
+        """The compiled constraint (cached); ValueError if it does not compile, or not within
+        ``COMPILE_TIMEOUT_S`` (the engine waits no longer; the compilation is abandoned)."""
         key = params.key()
         grammar = self._cache.get(key)
         if grammar is not None:
             self._cache.move_to_end(key)
             return grammar
-        grammar = self.backend.compile(params)
+        backend = self.backend
+        future = self._compiler.submit(backend.compile, params)
+        try:
+            grammar = future.result(timeout=COMPILE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise ValueError(
+                f"structured outputs ({params.kind}): compiling the constraint took longer "
+                f"than {COMPILE_TIMEOUT_S:g} s; simplify it."
+            ) from None
         self._cache[key] = grammar
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)

@@ -110,3 +110,26 @@ def test_parallel_fill_equals_one_by_one(backend: Any) -> None:
     for row, m in enumerate(matchers):
         m.fill_bitmask(alone, row)
     assert len(matchers) >= 4 and np.array_equal(together, alone) and together.any()
+
+
+def test_compile_time_limit(tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compilation that outlasts the limit is a ValueError; the manager keeps working."""
+    import threading
+
+    import pagedllm.structured_output.manager as manager_mod
+
+    mgr = StructuredOutputManager(tiny_tokenizer, len(tiny_tokenizer), [0])
+    release = threading.Event()
+    real = mgr.backend.compile
+
+    def slow(params: StructuredOutputsParams) -> Any:
+        if params.regex == "slow":
+            release.wait(10)
+        return real(params)
+
+    monkeypatch.setattr(mgr.backend, "compile", slow)
+    monkeypatch.setattr(manager_mod, "COMPILE_TIMEOUT_S", 0.2)
+    with pytest.raises(ValueError, match="took longer than 0.2 s"):
+        mgr.compile(StructuredOutputsParams(regex="slow"))
+    assert mgr.compile(StructuredOutputsParams(regex="fast")) is not None  # another thread
+    release.set()
