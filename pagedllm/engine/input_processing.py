@@ -5,8 +5,9 @@ process, which checks before sending so that a bad request costs no round trip) 
 ``LLMEngine.add_request`` (the engine, which checks again whatever it is sent). All three hold
 an ``InputProcessor`` built from the same config and tokenizer, so every rule a request must
 meet against this model and engine is written once, here: a non-empty prompt of token ids in
-the vocabulary leaving room for output within ``max_model_len``, logprob counts and
-``logit_bias`` ids within the vocabulary, a reachable ``min_tokens``, and a priority only under
+the vocabulary leaving room for output within ``max_model_len``, logprob counts,
+``logit_bias`` and ``allowed_token_ids`` ids within the vocabulary (and ``bad_words`` turned
+into token ids), a reachable ``min_tokens``, and a priority only under
 priority scheduling. The OpenAI server reads its limits from the same object and keeps only
 its HTTP-specific checks (OpenAI's wording for context-length errors, request-size bounds).
 """
@@ -55,7 +56,20 @@ class InputProcessor:
         run."""
         self.check_priority(priority)
         prompt_ids = self.tokenize(prompt)
-        return ProcessedInput(prompt_ids, self.check_prompt(prompt_ids, params))
+        max_tokens = self.check_prompt(prompt_ids, params)
+        params._bad_words_token_ids = self.bad_word_token_ids(params.bad_words or [])
+        return ProcessedInput(prompt_ids, max_tokens)
+
+    def bad_word_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token ids as written and after a space (the two ways a word
+        usually appears mid-text), without repeats."""
+        out: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a text prompt (special tokens such as BOS added), or the given ids."""
@@ -99,6 +113,8 @@ class InputProcessor:
             raise ValueError(
                 f"logit_bias token ids must be in [0, {vocab}) (the model's vocab size)."
             )
+        if not self.in_vocab(params.allowed_token_ids or []):
+            raise ValueError(f"allowed_token_ids must be in [0, {vocab}) (the model's vocab size).")
         room = max_len - len(prompt_ids)
         if params.min_tokens > room:
             raise ValueError(

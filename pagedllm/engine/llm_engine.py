@@ -77,7 +77,6 @@ class LLMEngine:
         inp = self.input_processor.process(prompt, params, priority)
         if params.structured_outputs is not None:  # a bad constraint: ValueError, queue nothing
             self.structured_output.compile(params.structured_outputs)
-        self._prepare_token_constraints(params)
         prompt_ids = inp.prompt_token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [
@@ -107,20 +106,6 @@ class LLMEngine:
         self._groups[request_id] = [s.seq_id for s in seqs]
         self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
         return request_id
-
-    def _prepare_token_constraints(self, params: SamplingParams) -> None:
-        """Check ``allowed_token_ids`` against the vocabulary and tokenize ``bad_words`` (each
-        as written and after a space, the two ways a word usually appears mid-text)."""
-        vocab = self.runner.vocab_size
-        if params.allowed_token_ids and any(t >= vocab for t in params.allowed_token_ids):
-            raise ValueError(f"allowed_token_ids must be in [0, {vocab}) (the model's vocab size).")
-        words: list[list[int]] = []
-        for word in params.bad_words or []:
-            for text in (word.lstrip(), " " + word.lstrip()):
-                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-                if ids and ids not in words:
-                    words.append(ids)
-        params._bad_words_token_ids = words
 
     def abort_request(self, request_ids: str | SequenceOf[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

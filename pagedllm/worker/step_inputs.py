@@ -47,10 +47,6 @@ class StepInputs:
     drafts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
     def is_decode(self) -> bool:
         """Every span computes exactly one token."""
         return self.input_ids.shape[0] == self.seq_lens.shape[0]
