@@ -1,0 +1,213 @@
+"""SGLang's native routes (``/generate`` and friends) on a real server (tiny llama, CPU).
+
+Generated text is checked against transformers' greedy decoding and logprobs against
+transformers' log-softmax, so the tests prove the route's shape and its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fixtures.tiny_models import EOS_TOKEN_ID, hf_greedy, hf_logprobs
+from tests.lang.native_server import ThreadServer, serve_in_thread
+
+KEY = "sk-native"
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir: Path) -> Iterator[ThreadServer]:
+    with serve_in_thread(llama_dir, api_key=KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ThreadServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=60) as c:
+        yield c
+
+
+def _gen(client: httpx.Client, body: dict[str, Any], status: int = 200) -> Any:
+    r = client.post("/generate", json=body)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def _ids(client: httpx.Client, text: str) -> list[int]:
+    r = client.post("/tokenize", json={"prompt": text})
+    assert r.status_code == 200, r.text
+    return list(r.json()["tokens"])
+
+
+def test_auth_is_required(server: ThreadServer) -> None:
+    for method, path in (("POST", "/generate"), ("GET", "/get_model_info")):
+        r = httpx.request(method, server.base_url + path, json={"text": "hi"})
+        assert r.status_code == 401, (path, r.text)
+
+
+def test_model_and_server_info(client: httpx.Client, llama_dir: Path) -> None:
+    info = client.get("/get_model_info").json()
+    assert info["is_generation"] is True and info["model_path"] == llama_dir.name
+    assert not info["model_path"].startswith("/")
+    for path in ("/get_server_info", "/server_info"):
+        srv = client.get(path).json()
+        assert srv["max_model_len"] == 512 and srv["version"]
+    assert client.get("/health_generate").status_code == 200
+    r = client.post("/flush_cache")
+    assert r.status_code == 501 and "prefix cache" in r.json()["error"]["message"]
+
+
+def test_greedy_text_matches_transformers(client: httpx.Client, llama_dir: Path) -> None:
+    prompt = "def add(a, b):"
+    ids = _ids(client, prompt)
+    want = hf_greedy(llama_dir, [ids], 8)[0]
+    body = {
+        "text": prompt,
+        "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+    }
+    out = _gen(client, body)
+    meta = out["meta_info"]
+    assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 8
+    assert meta["finish_reason"] == {"type": "length", "length": 8}
+    by_ids = _gen(client, {**body, "text": None, "input_ids": ids, "return_logprob": True})
+    assert by_ids["text"] == out["text"]
+    assert [e[1] for e in by_ids["meta_info"]["output_token_logprobs"]] == want
+
+
+def test_prompt_logprobs_match_transformers(client: httpx.Client, llama_dir: Path) -> None:
+    prompt = "import os\nimport sys"
+    ids = _ids(client, prompt)
+    ref = hf_logprobs(llama_dir, ids)
+    body = {
+        "text": prompt,
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": 2,
+        "return_text_in_logprobs": True,
+    }
+    meta = _gen(client, body)["meta_info"]
+    assert meta["completion_tokens"] == 0 and meta["output_token_logprobs"] == []
+    entries = meta["input_token_logprobs"]
+    assert [e[1] for e in entries] == ids and entries[0][0] is None
+    for p in range(1, len(ids)):
+        assert entries[p][0] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-4)
+        assert isinstance(entries[p][2], str)
+        top = meta["input_top_logprobs"][p]
+        assert [t[1] for t in top] == ref[p - 1].topk(2).indices.tolist()
+    assert meta["input_top_logprobs"][0] is None
+    # logprob_start_len picks the reported positions; -1 (the default) the last token only.
+    tail = _gen(client, {**body, "logprob_start_len": 3})["meta_info"]["input_token_logprobs"]
+    assert tail == entries[3:]
+    last = _gen(client, {**body, "logprob_start_len": -1})["meta_info"]["input_token_logprobs"]
+    assert last == entries[-1:]
+
+
+def test_batch_answers_in_order(client: httpx.Client) -> None:
+    texts = ["class Foo:", "x = 1", "for i in range(3):"]
+    sp = {"max_new_tokens": 4, "temperature": 0}
+    singles = [_gen(client, {"text": t, "sampling_params": sp})["text"] for t in texts]
+    batch = _gen(client, {"text": texts, "sampling_params": sp})
+    assert isinstance(batch, list) and [b["text"] for b in batch] == singles
+    ids = [_ids(client, t) for t in texts]
+    by_ids = _gen(client, {"input_ids": ids, "sampling_params": sp})
+    assert [b["text"] for b in by_ids] == singles
+    n2 = _gen(client, {"text": texts[0], "sampling_params": {**sp, "n": 2}})
+    assert [b["text"] for b in n2] == [singles[0]] * 2
+
+
+def test_stop_string_and_token(client: httpx.Client) -> None:
+    sp = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    full = _gen(client, {"text": "a", "sampling_params": sp})["text"]
+    assert len(full) > 2
+    stop = full[2:4]
+    out = _gen(client, {"text": "a", "sampling_params": {**sp, "stop": [stop]}})
+    assert out["text"] == full[: full.index(stop)]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    lp = _gen(client, {"text": "a", "sampling_params": sp, "return_logprob": True})
+    second = lp["meta_info"]["output_token_logprobs"][1][1]
+    sp_tok = {**sp, "stop_token_ids": [second]}
+    out = _gen(client, {"text": "a", "sampling_params": sp_tok})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": second}
+    assert out["meta_info"]["completion_tokens"] == 2
+    eos = _gen(
+        client,
+        {
+            "text": "a",
+            "sampling_params": {**sp, "stop_token_ids": [EOS_TOKEN_ID], "max_new_tokens": 1},
+        },
+    )
+    assert eos["meta_info"]["completion_tokens"] == 1
+
+
+def test_streaming_is_cumulative(client: httpx.Client) -> None:
+    body = {"text": "def f():", "sampling_params": {"max_new_tokens": 10, "temperature": 0}}
+    final = _gen(client, body)
+    chunks: list[dict[str, Any]] = []
+    lines: list[str] = []
+    with client.stream("POST", "/generate", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+    assert texts[-1] == final["text"] and len(chunks) > 1
+    assert chunks[-1]["meta_info"]["finish_reason"] == final["meta_info"]["finish_reason"]
+
+
+def test_prefix_cache_priming_is_reported(client: httpx.Client) -> None:
+    prefix = "The quick brown fox jumps over the lazy dog. " * 4
+    _gen(client, {"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+    out = _gen(client, {"text": prefix + "Then", "sampling_params": {"max_new_tokens": 1}})
+    assert out["meta_info"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"text": "a", "lora_path": "x"}, "lora_path"),
+        ({"text": "a", "sampling_params": {"stop_regex": ["x"]}}, "sampling_params.stop_regex"),
+        ({"text": "a", "input_ids": [1]}, "text"),
+        ({}, "text"),
+        ({"text": "a", "sampling_params": {"max_new_tokens": "3"}}, "sampling_params"),
+        ({"text": "a", "sampling_params": {"top_p": 0}}, "sampling_params"),
+        ({"input_ids": [10**6]}, "input_ids"),
+        ({"text": "a", "return_logprob": True, "logprob_start_len": 5}, "logprob_start_len"),
+        ({"text": "a", "sampling_params": {"regex": "a", "ebnf": "b"}}, "sampling_params"),
+        (
+            {"text": "a", "sampling_params": {"max_new_tokens": 0, "n": 2}},
+            "sampling_params.max_new_tokens",
+        ),
+        ({"text": "a" * 3000, "sampling_params": {"max_new_tokens": 1}}, None),
+    ],
+)
+def test_bad_requests_are_400s(client: httpx.Client, body: dict[str, Any], param: Any) -> None:
+    err = _gen(client, body, status=400)["error"]
+    if param is not None:
+        assert err["param"] == param, err
+    # The server keeps serving.
+    assert _gen(client, {"text": "a", "sampling_params": {"max_new_tokens": 1}})["text"] != None  # noqa: E711
+
+
+def test_null_fields_sglang_sends_are_accepted(client: httpx.Client) -> None:
+    body = {
+        "text": "a",
+        "lora_path": None,
+        "session_id": None,
+        "sampling_params": {"max_new_tokens": 2, "stop_regex": [], "json_schema": None},
+    }
+    assert _gen(client, body)["meta_info"]["completion_tokens"] >= 1
+
+
+def test_regex_constrains_output(client: httpx.Client) -> None:
+    sp = {"max_new_tokens": 8, "temperature": 0, "regex": "(yes|no)"}
+    out = _gen(client, {"text": "Answer:", "sampling_params": sp})
+    assert out["text"] in ("yes", "no")
