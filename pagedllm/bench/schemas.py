@@ -27,6 +27,13 @@ TICKET_SCHEMA: dict[str, Any] = {
 }
 
 
-def ticket_response_format() -> dict[str, Any]:
-    """OpenAI ``response_format`` asking for a ticket."""
-    return {"type": "json_schema", "json_schema": {"name": "ticket", "schema": TICKET_SCHEMA}}
+def ticket_response_format(variant: int | None = None) -> dict[str, Any]:
+    """OpenAI ``response_format`` asking for a ticket. A ``variant`` number makes the schema
+    one no server has seen (the summary's ``maxLength`` becomes 600 + variant), so its grammar
+    is compiled for that request: what a client with per-request schemas costs."""
+    schema = TICKET_SCHEMA
+    if variant is not None:
+        summary = {**TICKET_SCHEMA["properties"]["summary"], "maxLength": 600 + variant}
+        properties = {**TICKET_SCHEMA["properties"], "summary": summary}
+        schema = {**TICKET_SCHEMA, "properties": properties}
+    return {"type": "json_schema", "json_schema": {"name": "ticket", "schema": schema}}

@@ -85,10 +85,11 @@ def add_serve_parser(bsub: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument(
         "--structured-output",
-        choices=["none", "ticket"],
+        choices=["none", "ticket", "ticket-new"],
         default="none",
         help="ticket: constrain outputs to a customer-service ticket JSON schema "
-        "(response_format json_schema)",
+        "(response_format json_schema); ticket-new: a schema variant per request, so every "
+        "request's grammar is compiled anew",
     )
     p.add_argument(
         "--structured-output-ratio",
@@ -206,7 +207,8 @@ def mark_structured(reqs: list[ServeRequest], args: argparse.Namespace) -> set[i
     k = round(args.structured_output_ratio * len(reqs))
     chosen = set(random.Random(args.seed).sample(range(len(reqs)), k))
     for i in chosen:
-        reqs[i].response_format = ticket_response_format()
+        variant = i if args.structured_output == "ticket-new" else None
+        reqs[i].response_format = ticket_response_format(variant)
     return chosen
 
 

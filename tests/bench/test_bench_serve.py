@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from pagedllm.bench.schemas import TICKET_SCHEMA
 from pagedllm.bench.serve import arrival_offsets, resolve_tokenizer
 from pagedllm.bench.serve_metrics import peak_concurrency
 from pagedllm.entrypoints.cli import main
@@ -315,3 +316,14 @@ def test_structured_output_ratio(fake: Any, tmp_path: Path) -> None:
     everything = _bench(srv, tmp_path / "all.json", flags.replace("0.5", "1"))
     assert "groups" not in everything
     assert all(b.get("response_format") for b in srv.bodies[-8:])
+
+
+def test_structured_output_new_schema_per_request(fake: Any, tmp_path: Path) -> None:
+    """ticket-new: every request's schema differs from every other's (so a server compiles
+    each one), and each is still the ticket schema."""
+    srv = fake()
+    flags = "--num-prompts 6 --random-input-len 12 --random-output-len 4 --ignore-eos "
+    _bench(srv, tmp_path / "new.json", flags + "--structured-output ticket-new")
+    schemas = [b["response_format"]["json_schema"]["schema"] for b in srv.bodies[-6:]]
+    assert len({json.dumps(s, sort_keys=True) for s in schemas}) == 6
+    assert all(set(s["required"]) == set(TICKET_SCHEMA["required"]) for s in schemas)
