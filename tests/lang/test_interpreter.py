@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pagedllm import lang
+from pagedllm.lang.backend.drivers import Submission
 from pagedllm.lang.state import ProgramState
 from pagedllm.sampling_params import SamplingParams
 from tests.fixtures.tiny_models import hf_logprobs
@@ -27,14 +28,11 @@ def chat(s: ProgramState, question: str, max_tokens: int = 6) -> None:
 
 
 def _greedy_text(local: lang.LocalBackend, text: str, max_tokens: int) -> str:
-    """What the engine itself generates after ``text`` (greedy), outside the interpreter."""
-    engine = local._driver.engine  # the same engine; the loop serialises access
+    """What the engine generates after ``text`` (greedy), submitted directly, outside the
+    interpreter (through the backend's driver, which owns the engine's thread)."""
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    from pagedllm.lang.backend.drivers import Submission
-
-    out = local._driver.submit_many([Submission(local.processor.tokenize(text), sp)])[0]
-    assert engine is not None
-    return out.result().outputs[0].text
+    future = local._driver.submit_many([Submission(local.processor.tokenize(text), sp)])[0]
+    return future.result().outputs[0].text
 
 
 def test_roles_follow_the_chat_template(local: lang.LocalBackend) -> None:
