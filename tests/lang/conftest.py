@@ -1,5 +1,6 @@
 """Backends shared by the ``pagedllm.lang`` tests: the tiny llama in-process, and the same
-model behind a real server (``native_server.py``) for ``Endpoint`` / ``OpenAIBackend``."""
+model behind a real ``pagedllm serve`` process (``native_server.py``) for ``Endpoint``,
+``OpenAIBackend`` and SGLang's own frontend."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pagedllm import lang
-from tests.lang.native_server import ThreadServer, serve_in_thread
+from tests.lang.native_server import ThreadServer, serve_subprocess
 
 API_KEY = "sk-lang"
 
@@ -22,8 +23,12 @@ def local(llama_dir: Path) -> Iterator[lang.LocalBackend]:
 
 
 @pytest.fixture(scope="session")
-def lang_server(llama_dir: Path) -> Iterator[ThreadServer]:
-    with serve_in_thread(llama_dir, api_key=API_KEY, served_model_name=["tiny"]) as s:
+def lang_server(
+    llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ThreadServer]:
+    """A real ``pagedllm serve`` process (with the native routes)."""
+    log = tmp_path_factory.mktemp("lang_server") / "serve.log"
+    with serve_subprocess(llama_dir, log, API_KEY, "--served-model-name", "tiny") as s:
         yield s
 
 

@@ -1,6 +1,10 @@
-"""A real HTTP server for the native-route and ``pagedllm.lang`` tests: ``build_app`` plus
-``register_native_routes`` around a started ``AsyncLLM`` (its own engine process), under
-uvicorn in a thread on a free loopback port."""
+"""Real HTTP servers for the native-route and ``pagedllm.lang`` tests.
+
+``serve_in_thread``: ``build_app`` plus ``register_native_routes`` around a started ``AsyncLLM``
+(its own engine process), under uvicorn in a thread on a free loopback port.
+``serve_subprocess``: the ``pagedllm serve`` command line in a process of its own, its
+``build_app`` extended with the native routes.
+"""
 
 from __future__ import annotations
 
@@ -62,3 +66,75 @@ def serve_in_thread(
         if engine.is_running:
             engine.shutdown()
         sock.close()
+
+
+# Runs the real ``pagedllm serve`` command line; ``build_app`` gains the native routes first
+# (a no-op once ``build_app`` registers them itself).
+_SERVE_WITH_NATIVE_ROUTES = """
+import sys
+import pagedllm.entrypoints.openai.api_server as api_server
+from pagedllm.entrypoints.openai.native_routes import register_native_routes
+from pagedllm.entrypoints.cli import main
+
+_build_app = api_server.build_app
+
+def build_app(engine, args):
+    app = _build_app(engine, args)
+    register_native_routes(app, args)
+    return app
+
+api_server.build_app = build_app
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@contextmanager
+def serve_subprocess(
+    model_dir: Path, log_path: Path, api_key: str | None = None, *flags: str
+) -> Iterator[ThreadServer]:
+    """A ``pagedllm serve`` process (its own session) on a free loopback port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cmd = [sys.executable, "-c", _SERVE_WITH_NATIVE_ROUTES, "serve", str(model_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning"]
+    cmd += ["--max-model-len", "512", *flags]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env.pop("PAGEDLLM_API_KEY", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"pagedllm serve exited:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pagedllm serve did not start:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield ThreadServer(f"http://127.0.0.1:{port}", api_key)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
