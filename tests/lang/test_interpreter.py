@@ -202,3 +202,48 @@ def test_streaming_text_equals_final_text(local: lang.LocalBackend) -> None:
         return "".join([p async for p in s.text_async_iter()])
 
     assert asyncio.run(consume()) == state.text()
+
+
+def test_select_is_one_batched_submission(
+    local: lang.LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    submit = local._driver.submit_many
+
+    def recording(subs: list[Submission]) -> list[object]:
+        calls.append(len(subs))
+        return submit(subs)  # type: ignore[return-value]
+
+    monkeypatch.setattr(local._driver, "submit_many", recording)
+
+    @lang.function
+    def prog(s: ProgramState) -> None:
+        s += "Pick:" + lang.select("c", choices=[" a", " b", " c", " d"])
+
+    prog.run(backend=local)
+    assert calls == [5]  # the text and its four continuations, together
+
+
+def test_gen_with_regex_and_json_schema(local: lang.LocalBackend, endpoint: lang.Endpoint) -> None:
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+
+    @lang.function
+    def prog(s: ProgramState) -> None:
+        s += "Answer:" + lang.gen("yn", regex="(yes|no)", max_tokens=8)
+        s += "\nJSON:" + lang.gen("js", json_schema=schema, max_tokens=24)
+
+    for backend in (local, endpoint):
+        state = prog.run(backend=backend, temperature=0)
+        assert state["yn"] in ("yes", "no")
+        assert isinstance(json.loads(state["js"])["n"], int)
+    assert (
+        prog.run(backend=local, temperature=0).text()
+        == prog.run(backend=endpoint, temperature=0).text()
+    )
