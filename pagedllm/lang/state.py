@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import sys
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -72,10 +72,10 @@ class ProgramState:
         self._events: list[tuple[str | None, str]] = []  # (variable or None, text) as added
         self._changed = threading.Condition()
         self._finished = not stream
-        self._queue: queue.Queue[tuple[Expr, str]] | None = None
-        if threaded:
-            self._queue = queue.Queue()
-            threading.Thread(target=self._worker, daemon=True, name="lang-branch").start()
+        self._threaded = threaded
+        self._pending: deque[tuple[Expr, str]] = deque()
+        self._busy = False  # a worker thread is running this branch's pending work
+        self._work = threading.Condition()
 
     # ---- appending -----------------------------------------------------------------------
     def __iadd__(self, other: Expr | str) -> ProgramState:
@@ -84,8 +84,12 @@ class ProgramState:
 
     def append(self, other: Expr | str, where: str | None = None) -> None:
         expr, where = as_expr(other), where or _caller()
-        if self._queue is not None:
-            self._queue.put((expr, where))
+        if self._threaded:
+            with self._work:
+                self._pending.append((expr, where))
+                if not self._busy:
+                    self._busy = True
+                    threading.Thread(target=self._worker, daemon=True, name="lang-branch").start()
             return
         if self._error is not None:
             raise self._error
@@ -94,14 +98,21 @@ class ProgramState:
             raise self._error
 
     def _worker(self) -> None:
-        assert self._queue is not None
+        """Run the branch's pending work, then end (a new one starts for later work)."""
         while True:
-            expr, where = self._queue.get()
-            try:
-                if self._error is None:
-                    self._run(expr, where)
-            finally:
-                self._queue.task_done()
+            with self._work:
+                if not self._pending:
+                    self._busy = False
+                    self._work.notify_all()
+                    return
+                expr, where = self._pending.popleft()
+            if self._error is None:
+                self._run(expr, where)
+
+    def _wait_idle(self) -> None:
+        with self._work:
+            while self._busy:
+                self._work.wait()
 
     def _run(self, expr: Expr, where: str) -> None:
         try:
@@ -169,15 +180,13 @@ class ProgramState:
     # ---- reading -------------------------------------------------------------------------
     def sync(self) -> None:
         """Wait until everything appended so far has run; raise the program's error."""
-        if self._queue is not None:
-            self._queue.join()
+        self._wait_idle()
         if self._error is not None:
             raise self._error
 
     @property
     def error(self) -> ProgramError | None:
-        if self._queue is not None:
-            self._queue.join()
+        self._wait_idle()
         return self._error
 
     def __getitem__(self, name: str) -> Any:

@@ -7,6 +7,8 @@ rendering, ``LLM.generate`` on the same text, and transformers' logprobs for ``s
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,11 @@ def test_fork_and_join(local: lang.LocalBackend) -> None:
 
     state = tree.run(backend=local, temperature=0)
     ideas = state["idea"]
+    # Branch threads end once their work is done (none is left waiting forever).
+    deadline = time.monotonic() + 5
+    while any(t.name == "lang-branch" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "branch threads outlived their work"
+        time.sleep(0.01)
     assert ideas == [_greedy_text(local, f"{intro}Idea {i}:", 4) for i in range(3)]
     assert state.text() == intro  # the parent is unchanged; branches carry their own text
 

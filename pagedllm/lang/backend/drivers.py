@@ -80,10 +80,12 @@ class EngineLoop:
                     self._step()
         except BaseException as e:  # the engine failed: every waiting caller learns why
             for s in self._live.values():
-                if not s.future.done():
-                    s.future.set_exception(RuntimeError(f"The engine failed: {e!r}"))
+                s.future.set_exception(RuntimeError(f"The engine failed: {e!r}"))
             raise
         finally:
+            for s in self._live.values():  # closed (or failed) with requests in flight
+                if not s.future.done():
+                    s.future.set_exception(RuntimeError("The engine loop has stopped."))
             self._drain_inbox()
 
     def _drain_inbox(self) -> None:
