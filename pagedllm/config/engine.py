@@ -1,11 +1,15 @@
-"""`EngineConfig`: every engine setting, as five groups built from flat keyword arguments.
+"""`EngineConfig`: every engine setting, as six groups built from flat keyword arguments.
 
 Users (``LLM(**kwargs)``, ``AsyncLLM``, the CLI, tests) spell settings flat, like vLLM's
 ``EngineArgs``: ``EngineConfig(model=..., block_size=..., max_num_seqs=...)``. Each flat name is
-a field of exactly one group (``ModelConfig``, ``CacheConfig``, ``SchedulerConfig``,
-``DeviceConfig``, ``ParallelConfig``), so this class routes every keyword to its group, lets
-each group check its own fields, and then resolves, once, what depends on several groups:
+a field of exactly one group (``ModelConfig``, ``LoadConfig``, ``CacheConfig``,
+``SchedulerConfig``, ``DeviceConfig``, ``ParallelConfig``), so this class routes every keyword
+to its group, lets each group check its own fields, and then resolves, once, what depends on
+several groups:
 
+* ``model`` / ``tokenizer`` given as Hugging Face hub ids: replaced by their snapshot
+  directories (``config/hub.py``, downloading when needed) before ``ModelConfig`` is built,
+  since it reads local directories only;
 * ``model_config.torch_dtype``: ``dtype="auto"`` depends on the device;
 * ``scheduler_config.async_scheduling`` unset: on for CUDA, off for CPU;
 * ``scheduler_config.max_num_batched_tokens`` unset: derived from ``max_model_len`` (see
@@ -23,6 +27,8 @@ from typing import Any
 
 from pagedllm.config.cache import CacheConfig
 from pagedllm.config.device import DeviceConfig
+from pagedllm.config.hub import resolve_source
+from pagedllm.config.load import LoadConfig
 from pagedllm.config.model import ModelConfig, resolve_torch_dtype
 from pagedllm.config.parallel import ParallelConfig
 from pagedllm.config.scheduler import SchedulerConfig, default_max_num_batched_tokens
@@ -31,6 +37,7 @@ from pagedllm.config.utils import config_error, user_fields
 # Attribute of EngineConfig -> its group's class, in the order the groups are built and shown.
 CONFIG_GROUPS: dict[str, type] = {
     "model_config": ModelConfig,
+    "load_config": LoadConfig,
     "cache_config": CacheConfig,
     "scheduler_config": SchedulerConfig,
     "device_config": DeviceConfig,
@@ -64,6 +71,7 @@ class EngineConfig:
     """
 
     model_config: ModelConfig
+    load_config: LoadConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     device_config: DeviceConfig
@@ -79,9 +87,41 @@ class EngineConfig:
         by_group: dict[str, dict[str, Any]] = {attr: {} for attr in CONFIG_GROUPS}
         for name, value in kwargs.items():
             by_group[FIELD_OWNERS[name]][name] = value
+        self.load_config = LoadConfig(**by_group["load_config"])
+        self._resolve_sources(by_group["model_config"])
         for attr, cls in CONFIG_GROUPS.items():  # each group checks its own fields
-            setattr(self, attr, cls(**by_group[attr]))
+            if attr != "load_config":
+                setattr(self, attr, cls(**by_group[attr]))
         self._resolve_across_groups()
+
+    def _resolve_sources(self, model_kwargs: dict[str, Any]) -> None:
+        """Replace hub ids among ``model`` / ``tokenizer`` by their local snapshot directories
+        (``config/hub.py``), before ``ModelConfig``, which reads directories only."""
+        load = self.load_config
+        model = model_kwargs.get("model")
+        if model is not None:
+            model_kwargs["model"] = resolve_source(model, load, revision=load.revision)
+        elif load.revision is not None:
+            raise config_error("revision needs a hub model id (the demo model has no revisions).")
+        tokenizer = model_kwargs.get("tokenizer")
+        if tokenizer is not None:
+            model_kwargs["tokenizer"] = resolve_source(
+                tokenizer,
+                load,
+                revision=load.tokenizer_revision,
+                what="tokenizer",
+                revision_flag="tokenizer_revision",
+            )
+        elif load.tokenizer_revision is not None:
+            if model is None:
+                raise config_error("tokenizer_revision needs a hub model or tokenizer id.")
+            model_kwargs["tokenizer"] = resolve_source(
+                model,
+                load,
+                revision=load.tokenizer_revision,
+                what="tokenizer",
+                revision_flag="tokenizer_revision",
+            )
 
     def _resolve_across_groups(self) -> None:
         model, sched = self.model_config, self.scheduler_config
@@ -104,4 +144,7 @@ class EngineConfig:
     def to_kwargs(self) -> dict[str, Any]:
         """The flat keywords that rebuild this config (resolved values where resolved: the
         model path, max_model_len, ...; ``device`` stays as given, e.g. "auto")."""
-        return {name: getattr(getattr(self, attr), name) for name, attr in FIELD_OWNERS.items()}
+        kwargs = {name: getattr(getattr(self, attr), name) for name, attr in FIELD_OWNERS.items()}
+        # model / tokenizer are local directories now: the revisions that picked them are spent.
+        kwargs["revision"] = kwargs["tokenizer_revision"] = None
+        return kwargs

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pagedllm.bench.presets import bench_engine_kwargs
-from pagedllm.config import EngineConfig
+from pagedllm.config import DEMO_MODEL_DIR, EngineConfig
 from pagedllm.config.cli_args import (
     add_config_args,
     add_engine_args,
@@ -24,9 +24,11 @@ from pagedllm.entrypoints.cli import build_parser, generate_engine_kwargs, main
 from pagedllm.entrypoints.openai.cli_serve import serve_engine_kwargs
 
 # Flags and the flat keywords they must give, in every engine command.
+TOKENIZER_DIR = str(DEMO_MODEL_DIR)  # a directory: any other name is a hub id
 FLAGS = shlex.split(
     "--device cpu --dtype half --max-model-len 100 --seed 3 --load-format dummy "
-    "--tokenizer tok --block-size 32 --gpu-memory-utilization 0.5 "
+    f"--tokenizer {TOKENIZER_DIR} --download-dir /nonexistent/cache --hf-token hf_t "
+    "--trust-remote-code --block-size 32 --gpu-memory-utilization 0.5 "
     "--num-gpu-blocks-override 12 --kv-cache-memory-bytes 4096 --no-enable-prefix-caching "
     "--max-num-seqs 8 --max-num-batched-tokens 300 --scheduling-policy priority "
     "--no-enable-chunked-prefill --async-scheduling --attention-backend torch_native "
@@ -38,7 +40,12 @@ EXPECTED: dict[str, Any] = {
     "max_model_len": 100,
     "seed": 3,
     "load_format": "dummy",
-    "tokenizer": "tok",
+    "tokenizer": TOKENIZER_DIR,
+    "revision": None,  # hub ids only (tests/config/test_hub.py)
+    "tokenizer_revision": None,
+    "download_dir": "/nonexistent/cache",
+    "hf_token": "hf_t",
+    "trust_remote_code": True,
     "block_size": 32,
     "gpu_memory_utilization": 0.5,
     "num_gpu_blocks": 12,

@@ -25,11 +25,14 @@ from pagedllm.config.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 # Every flat keyword: (the group it belongs to, a valid value; not the default where one exists).
 FLAT_VALUES: dict[str, tuple[str, Any]] = {
-    "tokenizer": ("model_config", "some-tokenizer-dir"),
+    "tokenizer": ("model_config", str(DEMO_MODEL_DIR)),  # a directory: anything else is a hub id
     "dtype": ("model_config", "bfloat16"),
     "max_model_len": ("model_config", 100),
     "seed": ("model_config", 7),
     "load_format": ("model_config", "dummy"),
+    "download_dir": ("load_config", "/nonexistent/hf-cache"),  # read only for hub ids
+    "hf_token": ("load_config", "hf_test_token"),
+    "trust_remote_code": ("load_config", True),
     "block_size": ("cache_config", 32),
     "kv_cache_dtype": ("cache_config", "auto"),  # the only value supported yet
     "gpu_memory_utilization": ("cache_config", 0.5),
@@ -49,8 +52,12 @@ FLAT_VALUES: dict[str, tuple[str, Any]] = {
 }
 
 
+# Hub revisions apply to hub ids only (tests/config/test_hub.py); to_kwargs() gives them as None.
+HUB_ONLY = {"revision", "tokenizer_revision"}
+
+
 def test_the_table_names_every_flat_keyword() -> None:
-    assert set(FLAT_VALUES) | {"model"} == set(FIELD_OWNERS)
+    assert set(FLAT_VALUES) | {"model"} | HUB_ONLY == set(FIELD_OWNERS)
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_VALUES))
@@ -70,7 +77,7 @@ def test_every_flat_kwarg_lands_in_its_group(name: str, arch_dir: str) -> None:
 def test_all_keywords_at_once_and_back(arch_dir: str) -> None:
     kw = {name: value for name, (_, value) in FLAT_VALUES.items()}
     cfg = EngineConfig(model=arch_dir, **kw)
-    assert cfg.to_kwargs() == {"model": arch_dir, **kw}
+    assert cfg.to_kwargs() == {"model": arch_dir, **kw, **dict.fromkeys(HUB_ONLY)}
     assert EngineConfig(**cfg.to_kwargs()) == cfg
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # it travels to the engine process
 

@@ -1,11 +1,15 @@
 """The FastAPI app: ``build_app(engine, args)`` wires routes, errors, auth, limits and metrics.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /ping``, ``GET /metrics``, ``POST /tokenize``, ``POST /detokenize``,
-``GET /version``.
+``GET /v1/models/{model}``, ``GET /health``, ``GET /ping``, ``GET /metrics``, ``POST /tokenize``,
+``POST /detokenize``, ``GET /version`` and, with ``--enable-tokenizer-info-endpoint``,
+``GET /tokenizer_info`` (``routes_misc.py``).
 
 ``GateMiddleware`` (``gate.py``) runs in front of every route: request ids, authentication,
-rate limits and the body limits. ``/health`` is 200 only while the engine process is alive and
+rate limits and the body limits. ``CORSMiddleware`` runs in front of the gate, so that a
+browser's preflight is answered without credentials (``cli_http.py`` has the flags). The
+lifespan also runs the periodic stats log line (``stats_log.py``) unless
+``--disable-log-stats``. ``/health`` is 200 only while the engine process is alive and
 has answered within ``--engine-health-timeout`` (a wedged engine turns it 503). The lifespan
 shuts the engine down after uvicorn has drained in-flight requests.
 """
@@ -21,11 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import pagedllm
 from pagedllm.entrypoints.openai.auth import build_auth, build_rate_limiter
+from pagedllm.entrypoints.openai.cli_http import cors_kwargs, fastapi_kwargs
 from pagedllm.entrypoints.openai.errors import bad_request, engine_dead, install_error_handlers
 from pagedllm.entrypoints.openai.gate import GateMiddleware
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
@@ -54,9 +60,11 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     TokenizeResponse,
     VersionResponse,
 )
+from pagedllm.entrypoints.openai.routes_misc import install_misc_routes
 from pagedllm.entrypoints.openai.server_state import ServerState, check_unicode
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
+from pagedllm.entrypoints.openai.stats_log import log_stats_forever
 from pagedllm.entrypoints.openai.tool_calls import check_tools
 from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser
 
@@ -118,15 +126,24 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
     chat = ChatServing(state)
     completion = CompletionServing(state)
 
+    log_stats = not _opt(args, "disable_log_stats", False)
+    stats_interval = float(_opt(args, "log_stats_interval", 10.0))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start_monitoring()  # notice an engine death even with no traffic
+        stats_task = asyncio.create_task(log_stats_forever(engine, stats_interval))
+        if not log_stats:
+            stats_task.cancel()
         yield
+        stats_task.cancel()
         logger.info("Shutting down the engine.")
         engine.shutdown()
         state.pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="pagedllm OpenAI-compatible server", lifespan=lifespan)
+    app = FastAPI(
+        title="pagedllm OpenAI-compatible server", lifespan=lifespan, **fastapi_kwargs(args)
+    )
     app.state.server = state
     install_error_handlers(app)
     install_openapi(app)
@@ -138,6 +155,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         body_read_timeout=_opt(args, "body_read_timeout", None),
         write_timeout=_opt(args, "write_timeout", None),
     )
+    app.add_middleware(CORSMiddleware, **cors_kwargs(args))  # added last: outermost
 
     health_timeout = float(_opt(args, "engine_health_timeout", 10.0))
 
@@ -163,11 +181,22 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         require_engine()
         return await completion.create(body, raw, raw.state.request_id)
 
+    def model_card(name: str) -> ModelCard:
+        max_len = engine.input_processor.max_model_len
+        return ModelCard(id=name, root=_model_root(args, names), max_model_len=max_len)
+
     @app.get("/v1/models", responses=get_responses())
     async def models() -> ModelList:
-        max_len = engine.input_processor.max_model_len
-        root = _model_root(args, names)
-        return ModelList(data=[ModelCard(id=n, root=root, max_model_len=max_len) for n in names])
+        return ModelList(data=[model_card(n) for n in names])
+
+    install_misc_routes(
+        app,
+        engine,
+        names,
+        model_card,
+        tokenizer_info=bool(_opt(args, "enable_tokenizer_info_endpoint", False)),
+        chat_template=state.chat_template,
+    )
 
     async def health() -> Response:
         try:

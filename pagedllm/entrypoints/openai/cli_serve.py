@@ -22,7 +22,13 @@ from typing import Any
 
 from pagedllm.config.cli_args import add_engine_args, engine_kwargs_from_args
 from pagedllm.config.model import DEMO_MODEL_DIR
+from pagedllm.entrypoints.cli_compat import add_config_file_arg, add_unsupported_vllm_args
 from pagedllm.entrypoints.openai.auth import add_auth_args
+from pagedllm.entrypoints.openai.cli_http import add_http_args, check_http_args, uvicorn_kwargs
+from pagedllm.entrypoints.openai.generation_config import (
+    add_generation_config_args,
+    check_generation_config_args,
+)
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -37,11 +43,13 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "serve",
         help="run the OpenAI-compatible HTTP server",
         description=(
-            "Serve MODEL (a Hugging Face model directory; default: the bundled demo model "
+            "Serve MODEL (a Hugging Face model directory or hub id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct; default: the bundled demo model "
             f"{DEMO_MODEL_DIR}) over an OpenAI-compatible HTTP API."
         ),
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    add_config_file_arg(p)
     add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0")
@@ -101,6 +109,23 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "<tool_call> blocks) or llama3_json (Llama 3.1/3.2 JSON)",
     )
     g.add_argument("--disable-log-requests", action="store_true")
+    add_generation_config_args(g)
+    g.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="most logprobs a request may ask for (fixed at 20 for now; default: 20)",
+    )
+    g.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (it shows the chat template)",
+    )
+    g.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="accepted for vLLM compatibility: every response carries X-Request-Id anyway",
+    )
     g.add_argument(
         "--tokenizer-pool-size",
         type=int,
@@ -165,6 +190,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="largest request line + headers, in bytes",
     )
     g.add_argument("--uvicorn-log-level", default="info", choices=_LOG_LEVELS)
+    add_http_args(p)
+    add_unsupported_vllm_args(p)  # last: flags defined above are never shadowed
     p.set_defaults(func=serve)
     return p
 
@@ -201,6 +228,8 @@ def _check(args: argparse.Namespace) -> None:
          "--max-waiting-requests must be >= 0"),
         (args.queue_timeout is None or args.queue_timeout > 0, "--queue-timeout must be > 0"),
         (0 <= args.port <= 65535, "--port must be in [0, 65535]"),
+        (args.max_logprobs == 20,
+         "--max-logprobs: the server's logprobs limit is fixed at 20 for now"),
         (not args.enable_auto_tool_choice or args.tool_call_parser is not None,
          "--enable-auto-tool-choice needs --tool-call-parser (one of "
          + ", ".join(sorted(TOOL_PARSERS)) + ")"),
@@ -208,6 +237,8 @@ def _check(args: argparse.Namespace) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    check_http_args(args)
+    check_generation_config_args(args)
 
 
 def _load_chat_template(value: str | None) -> str | None:
@@ -223,8 +254,10 @@ def serve(args: argparse.Namespace) -> int:
 
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM
+    from pagedllm.entrypoints.model_source import check_architecture
     from pagedllm.entrypoints.openai.api_server import build_app
     from pagedllm.entrypoints.openai.auth import build_auth, build_rate_limiter
+    from pagedllm.entrypoints.openai.generation_config import apply_generation_config
     from pagedllm.entrypoints.openai.http_protocol import protocol_with_header_timeout
 
     _check(args)
@@ -237,7 +270,8 @@ def serve(args: argparse.Namespace) -> int:
     args.chat_template = _load_chat_template(args.chat_template)
     _setup_logging()
 
-    config = EngineConfig(**serve_engine_kwargs(args))
+    config = EngineConfig(**serve_engine_kwargs(args))  # downloads a hub id's snapshot
+    check_architecture(config)
     try:
         engine = AsyncLLM.from_config(
             config,
@@ -248,6 +282,7 @@ def serve(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # the engine process failed to start (logged above)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    apply_generation_config(engine, args)
 
     def exit_status() -> int:
         return 1 if engine.died_unexpectedly else 0
@@ -269,6 +304,7 @@ def serve(args: argparse.Namespace) -> int:
             h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
             http=protocol_with_header_timeout(args.header_read_timeout),
             lifespan="on",
+            **uvicorn_kwargs(args),
         )
         server = uvicorn.Server(uv_config)
         if args.exit_on_engine_death:
@@ -296,3 +332,4 @@ def _setup_logging() -> None:
         req_log.propagate = False
     req_log.setLevel(logging.INFO)
     logging.getLogger("pagedllm.entrypoints.openai").setLevel(logging.INFO)
+    logging.getLogger("pagedllm.stats").setLevel(logging.INFO)
