@@ -5,6 +5,12 @@ context limit, the checkpoint's dtype) is read once into ``arch`` (``Architectur
 ``max_model_len`` is resolved here against that context limit. ``torch_dtype`` is derived too,
 but ``dtype="auto"`` depends on the device, so ``EngineConfig`` resolves it, with
 ``resolve_torch_dtype``, once both groups exist.
+
+``quantization`` is detected from the checkpoint's ``quantization_config`` (or named by the user,
+then it must agree with the checkpoint). The scheme's parameters that pagedllm cannot serve (a
+bit width, a packing layout, a quantized ``lm_head``) are rejected here, torch-free and before any
+weight is read, with a message naming the value and what is supported; the layer-side config
+(``layers/quantization``) then builds the per-layer methods from the same section.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.config.architecture import ArchitectureConfig
 from pagedllm.config.utils import DTYPE_NAMES, check_choice, config_error, torch_dtype_of
@@ -23,6 +29,11 @@ if TYPE_CHECKING:
 DEMO_MODEL_DIR = Path(__file__).parent.parent / "assets" / "demo-model"
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+# Weight quantization methods pagedllm serves (``quant_method`` of ``quantization_config``).
+QUANTIZATION_METHODS = ("gptq", "awq")
+GPTQ_BITS = (4, 8)
+AWQ_BITS = (4,)
 
 
 @dataclass
@@ -71,6 +82,15 @@ class ModelConfig:
             "choices": LOAD_FORMATS,
         },
     )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "weight quantization method of the checkpoint; must agree with its "
+            "config.json quantization_config",
+            "default_help": "detected from config.json's quantization_config",
+            "choices": QUANTIZATION_METHODS,
+        },
+    )
     # Derived:
     arch: ArchitectureConfig = field(init=False, repr=False)
     # Set by EngineConfig (dtype "auto" depends on the device); None on a ModelConfig alone.
@@ -99,6 +119,84 @@ class ModelConfig:
                 f"got {self.max_model_len}."
             )
         check_choice(self, "load_format")
+        self.quantization = resolve_quantization(self.quantization, self.arch.raw)
+
+
+def resolve_quantization(requested: str | None, raw: dict[str, Any]) -> str | None:
+    """The quantization method of a checkpoint whose ``config.json`` is ``raw``.
+
+    ``requested`` (the user's ``quantization``) must match the checkpoint's ``quant_method``;
+    a plain checkpoint with a requested method is an error (quantizing at load is not
+    supported yet). A ``quant_method`` other than gptq / awq is returned as it is: the layers'
+    registry (``layers/quantization``) is the judge of those and names what it supports.
+    """
+    if requested is not None and requested not in QUANTIZATION_METHODS:
+        raise config_error(
+            f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; got {requested!r}."
+        )
+    section = raw.get("quantization_config") or None
+    if section is None:
+        if requested is not None:
+            raise config_error(
+                f"quantization={requested!r} needs a {requested} checkpoint (a config.json "
+                "quantization_config); quantizing a plain checkpoint at load is not supported."
+            )
+        return None
+    method = str(section.get("quant_method", "")).lower()
+    if requested is not None and requested != method:
+        raise config_error(
+            f"quantization={requested!r}, but the checkpoint is quantized with {method!r}."
+        )
+    if method == "gptq":
+        _check_gptq(section)
+    elif method == "awq":
+        _check_awq(section)
+    return method or None
+
+
+def _unsupported(method: str, what: str, value: Any, supported: str) -> ValueError:
+    return config_error(
+        f"{method} checkpoint with {what}={value!r} is not supported (supported: {supported})."
+    )
+
+
+def _check_group_size(method: str, section: dict[str, Any]) -> None:
+    group = section.get("group_size", -1)
+    if not isinstance(group, int) or isinstance(group, bool) or (group <= 0 and group != -1):
+        raise _unsupported(method, "group_size", group, "a positive group size, or -1")
+
+
+def _check_gptq(section: dict[str, Any]) -> None:
+    """GPTQ: 4 / 8 bits, the v1 ``gptq`` layout in int32 words, linear layers only."""
+    bits = section.get("bits")
+    if bits not in GPTQ_BITS:
+        raise _unsupported("gptq", "bits", bits, ", ".join(map(str, GPTQ_BITS)))
+    _check_group_size("gptq", section)
+    fmt = section.get("checkpoint_format", section.get("format", "gptq"))
+    if str(fmt).lower() != "gptq":
+        raise _unsupported("gptq", "checkpoint_format", fmt, "'gptq' (v1 zero points)")
+    pack = section.get("pack_dtype", "int32")
+    if str(pack) not in ("int32", "torch.int32"):
+        raise _unsupported("gptq", "pack_dtype", pack, "int32")
+    if section.get("lm_head"):
+        raise _unsupported("gptq", "lm_head", True, "an unquantized lm_head")
+    if section.get("dynamic"):
+        raise _unsupported("gptq", "dynamic", "per-module overrides", "one setting for all")
+
+
+def _check_awq(section: dict[str, Any]) -> None:
+    """AWQ: 4 bits, the GEMM layout, with zero points."""
+    bits = section.get("bits", section.get("w_bit"))
+    if bits not in AWQ_BITS:
+        raise _unsupported("awq", "bits", bits, ", ".join(map(str, AWQ_BITS)))
+    if "group_size" not in section and "q_group_size" in section:
+        section = {**section, "group_size": section["q_group_size"]}
+    _check_group_size("awq", section)
+    version = section.get("version", section.get("format", "gemm"))
+    if str(version).lower() != "gemm":
+        raise _unsupported("awq", "version", version, "'gemm'")
+    if not section.get("zero_point", True):
+        raise _unsupported("awq", "zero_point", False, "zero_point=true")
 
 
 def resolve_torch_dtype(dtype: str, hf_dtype: torch.dtype | None, device_type: str) -> torch.dtype:

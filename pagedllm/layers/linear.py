@@ -162,6 +162,11 @@ class _FusedColumnParallelLinear(ColumnParallelLinear):
         packed = dim is not None and getattr(param, "packed_dim", None) == dim
         factor = param.packed_factor if packed else 1
         if shard_id is None and dim is not None:  # a fused checkpoint tensor: split it
+            if any(total % factor for total in self.output_sizes):
+                raise ValueError(
+                    f"{self._label(param)}: parts of {self.output_sizes} rows do not line up "
+                    f"with the {factor} values packed per element along dim {dim}"
+                )
             if loaded.shape[dim] != sum(self.output_sizes) // factor:
                 raise ValueError(
                     f"{self._label(param)} expects {sum(self.output_sizes) // factor} fused "
@@ -179,6 +184,11 @@ class _FusedColumnParallelLinear(ColumnParallelLinear):
             copy_checked(param.data, loaded, what)
             return
         offset, size = self._shard_rows(shard_id)
+        if offset % factor or size % factor:
+            raise ValueError(
+                f"{what}: the part's rows [{offset}, {offset + size}) do not line up with the "
+                f"{factor} values packed per element along dim {dim}"
+            )
         dst = param.data.narrow(dim, offset // factor, size // factor)
         loaded = narrow_shard(loaded, dim, self.tp_rank, self.tp_size, dst, what)
         copy_checked(dst, loaded, what)

@@ -102,7 +102,11 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             raise ValueError(f"Checkpoint tensor {name}: {e}.") from e
         seen.add(name)
     missing = [
-        src for p in params if p not in seen for src in _sources(p, packed) if src not in seen
+        src
+        for p, param in params.items()
+        if p not in seen and not getattr(param, "optional_in_checkpoint", False)
+        for src in _sources(p, packed)
+        if src not in seen
     ]
     if missing:
         raise ValueError(f"Checkpoint is missing weights: {', '.join(sorted(missing)[:8])}.")

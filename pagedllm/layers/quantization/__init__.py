@@ -4,9 +4,11 @@
 and builds the registered :class:`QuantizationConfig` for its ``quant_method`` (``None`` for
 plain checkpoints). The model passes it down to every linear layer, which calls
 :func:`get_linear_method`; without a config, or where the config returns ``None`` for a
-layer, that is :class:`UnquantizedLinearMethod`. A new scheme (GPTQ, AWQ, fp8) is a module
-that defines a config and a method and decorates the config with
-``@register_quantization_config(name)``.
+layer, that is :class:`UnquantizedLinearMethod`. A scheme is a module that defines a config
+and a method and decorates the config with ``@register_quantization_config(name)``: GPTQ
+(``gptq.py``) and AWQ (``awq.py``) so far, both weight-only integer formats
+(``weight_only.py``, ``packing.py``). ``config/model.py`` checks a checkpoint's bits and
+layout torch-free before anything is built.
 """
 
 from __future__ import annotations
@@ -70,3 +72,7 @@ def get_linear_method(
     """The method ``layer`` (named ``prefix``) computes with: quantized, or the dense one."""
     method = quant_config.get_quant_method(layer, prefix) if quant_config is not None else None
     return method if method is not None else UnquantizedLinearMethod()
+
+
+# The schemes register themselves on import (after the registry above exists).
+from pagedllm.layers.quantization import awq, gptq  # noqa: E402, F401
