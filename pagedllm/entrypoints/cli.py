@@ -1,4 +1,4 @@
-"""The ``pagedllm`` console script: ``generate``, ``serve``, ``bench``.
+"""The ``pagedllm`` console script: ``generate``, ``serve``, ``bench``, ``chat``.
 
 Parsing imports neither torch nor transformers (``--help`` and a typo answer at once): each
 command imports what it runs inside its function. ``--config FILE.yaml`` is expanded into flags
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagedllm.bench.cli_bench import add_bench_parser
 
     add_bench_parser(sub)
+    from pagedllm.entrypoints.chat_repl import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 
