@@ -36,9 +36,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _choice_tokens(prefix: ScoredPrompt, full: ScoredPrompt, choice: str) -> int:
+def _choice_tokens(prefix_ids: list[int], full: ScoredPrompt, choice: str) -> int:
     """Where the choice's own tokens start in ``full``."""
-    start = max(_common_prefix(prefix.token_ids, full.token_ids), 1)
+    start = max(_common_prefix(prefix_ids, full.token_ids), 1)
     if start >= len(full.token_ids):
         raise ValueError(f"The choice {choice!r} adds no token to the text.")
     return start
@@ -71,9 +71,9 @@ def decide(backend: Backend, text: str, choices: list[str], method: str) -> Sele
             f"select needs the logprobs of prompt tokens, which {type(backend).__name__} "
             "cannot get from its server; use LocalBackend or Endpoint."
         )
-    scored = backend.score([text, *[text + c for c in choices]])
-    prefix, fulls = scored[0], scored[1:]
-    starts = [_choice_tokens(prefix, f, c) for f, c in zip(fulls, choices, strict=True)]
+    fulls = backend.score([text + c for c in choices])
+    prefix_ids = backend.tokenize(text)
+    starts = [_choice_tokens(prefix_ids, f, c) for f, c in zip(fulls, choices, strict=True)]
     rows: list[list[float]] = []
     for f, s in zip(fulls, starts, strict=True):
         rows.append([float(lp) for lp in f.logprobs[s:] if lp is not None])

@@ -228,7 +228,7 @@ def test_select_is_one_batched_submission(
         s += "Pick:" + lang.select("c", choices=[" a", " b", " c", " d"])
 
     prog.run(backend=local)
-    assert calls == [5]  # the text and its four continuations, together
+    assert calls == [4]  # the four continuations of the text, together
 
 
 def test_gen_with_regex_and_json_schema(local: lang.LocalBackend, endpoint: lang.Endpoint) -> None:

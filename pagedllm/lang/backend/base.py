@@ -57,8 +57,12 @@ class Backend(ABC):
         """Token ids and prompt logprobs of each prompt, computed in one batch."""
 
     @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of a prompt text, as ``generate`` and ``score`` tokenize it."""
+
     def empty_prompt_ids(self) -> list[int]:
         """What tokenizing an empty text gives (the BOS token, for most models)."""
+        return self.tokenize("")
 
     @abstractmethod
     def cache_prefix(self, text: str) -> None:

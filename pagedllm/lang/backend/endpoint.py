@@ -1,8 +1,8 @@
 """``Endpoint``: programs on a ``pagedllm serve`` over HTTP, through SGLang's native routes.
 
 ``gen`` is one ``POST /generate`` of the state's text (streamed when the program is); ``select``
-scores the text and every ``text + choice`` in one ``/generate`` with ``max_new_tokens=0`` and
-prompt logprobs; ``fork`` primes the server's prefix cache the same way. The roles are the
+scores every ``text + choice`` in one ``/generate`` with ``max_new_tokens=0`` and prompt
+logprobs (and tokenizes the text alone with ``/tokenize``); ``fork`` primes the server's prefix cache the same way. The roles are the
 server model's own chat template, rendered by the server (``/tokenize`` with messages, then
 ``/detokenize``), so a program gives the same text here as on ``LocalBackend``.
 """
@@ -120,8 +120,8 @@ class Endpoint(Backend):
             for a in answers
         ]
 
-    def empty_prompt_ids(self) -> list[int]:
-        return list(self._call("POST", "/tokenize", {"prompt": ""})["tokens"])
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._call("POST", "/tokenize", {"prompt": text})["tokens"])
 
     def cache_prefix(self, text: str) -> None:
         self._call("POST", "/generate", {"text": text, "sampling_params": {"max_new_tokens": 0}})

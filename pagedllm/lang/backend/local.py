@@ -151,8 +151,8 @@ class LocalBackend(Backend):
             scored.append(ScoredPrompt(i, lps))
         return scored
 
-    def empty_prompt_ids(self) -> list[int]:
-        return self.processor.tokenize("")
+    def tokenize(self, text: str) -> list[int]:
+        return self.processor.tokenize(text)
 
     def cache_prefix(self, text: str) -> None:
         sp = SamplingParams(temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)

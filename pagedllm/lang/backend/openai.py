@@ -106,7 +106,7 @@ class OpenAIBackend(Backend):
     def score(self, prompts: list[str | list[int]]) -> list[ScoredPrompt]:
         raise ValueError("The OpenAI chat API does not return prompt logprobs.")
 
-    def empty_prompt_ids(self) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         raise ValueError("The OpenAI chat API does not tokenize.")
 
     def cache_prefix(self, text: str) -> None:
