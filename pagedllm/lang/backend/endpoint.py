@@ -2,8 +2,9 @@
 
 ``gen`` is one ``POST /generate`` of the state's text (streamed when the program is); ``select``
 scores every ``text + choice`` in one ``/generate`` with ``max_new_tokens=0`` and prompt
-logprobs (and tokenizes the text alone with ``/tokenize``); ``fork`` primes the server's prefix cache the same way. The roles are the
-server model's own chat template, rendered by the server (``/tokenize`` with messages, then
+logprobs (and tokenizes the text alone with ``/tokenize``); ``fork`` primes the server's
+prefix cache with a ``max_new_tokens=0`` call. The roles are the server model's own chat
+template, rendered by the server (``/tokenize`` with messages, then
 ``/detokenize``), so a program gives the same text here as on ``LocalBackend``.
 """
 
