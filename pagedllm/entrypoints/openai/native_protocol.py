@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request names none
+_SEED_MAX = 2**63 - 1 - 1024  # seed + choice index must still fit torch's int64 seed
 
 
 class NativeModel(BaseModel):
@@ -43,7 +44,7 @@ class NativeSamplingParams(NativeModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    sampling_seed: int | None = None
+    sampling_seed: int | None = Field(default=None, ge=-_SEED_MAX, le=_SEED_MAX)
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None

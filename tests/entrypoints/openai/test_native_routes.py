@@ -211,3 +211,24 @@ def test_regex_constrains_output(client: httpx.Client) -> None:
     sp = {"max_new_tokens": 8, "temperature": 0, "regex": "(yes|no)"}
     out = _gen(client, {"text": "Answer:", "sampling_params": sp})
     assert out["text"] in ("yes", "no")
+
+
+def test_streaming_a_batch_tags_each_completion(client: httpx.Client) -> None:
+    texts = ["x = ", "def g():"]
+    body = {"text": texts, "sampling_params": {"max_new_tokens": 5, "temperature": 0}}
+    final = _gen(client, body)
+    last: dict[int, dict[str, Any]] = {}
+    with client.stream("POST", "/generate", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                last[chunk["index"]] = chunk
+    assert [last[i]["text"] for i in (0, 1)] == [f["text"] for f in final]
+
+
+def test_seed_makes_sampling_reproducible(client: httpx.Client) -> None:
+    sp = {"max_new_tokens": 8, "temperature": 1.0, "sampling_seed": 7}
+    a = _gen(client, {"text": "a", "sampling_params": sp})["text"]
+    assert _gen(client, {"text": "a", "sampling_params": sp})["text"] == a
+    too_big = {**sp, "sampling_seed": 2**63}
+    assert _gen(client, {"text": "a", "sampling_params": too_big}, 400)["error"]["param"]
