@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request names none
 _SEED_MAX = 2**63 - 1 - 1024  # seed + choice index must still fit torch's int64 seed
@@ -76,3 +76,61 @@ def unsupported_fields(req: GenerateRequest) -> list[str]:
         extra = sp.model_extra or {}
         names += [f"sampling_params.{k}" for k, v in extra.items() if not _is_unset(v)]
     return names
+
+
+# ---- answers (documented in the OpenAPI document; the route builds plain dicts) -----------
+
+
+class FinishReason(BaseModel):
+    """``{"type": "stop", "matched"}``, ``{"type": "length", "length"}`` or ``{"type":
+    "abort", "message"}``."""
+
+    type: str
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+
+class GenerateMetaInfo(BaseModel):
+    """Counts, the finish reason and (with ``return_logprob``) logprob entries
+    ``[logprob | null, token_id, text | null]``."""
+
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: FinishReason | None
+    input_token_logprobs: list[list[Any]] | None = None
+    output_token_logprobs: list[list[Any]] | None = None
+    input_top_logprobs: list[list[list[Any]] | None] | None = None
+    output_top_logprobs: list[list[list[Any]] | None] | None = None
+
+
+class GenerateAnswer(BaseModel):
+    text: str
+    meta_info: GenerateMetaInfo
+    index: int | None = None
+
+
+class GenerateResponse(RootModel[GenerateAnswer | list[GenerateAnswer]]):
+    """One answer for one prompt (``n=1``), else a list in request order."""
+
+
+class ModelInfo(BaseModel):
+    model_path: str
+    tokenizer_path: str
+    is_generation: bool
+    served_model_names: list[str]
+
+
+class ServerInfo(BaseModel):
+    version: str
+    model_path: str
+    served_model_names: list[str]
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int | None
+    block_size: int
+    enable_prefix_caching: bool
+    max_n: int
+    max_seqs_per_request: int

@@ -27,9 +27,20 @@ from fastapi.responses import JSONResponse, Response
 
 import pagedllm
 from pagedllm.entrypoints.openai.errors import APIError, engine_dead
-from pagedllm.entrypoints.openai.native_protocol import GenerateRequest
+from pagedllm.entrypoints.openai.native_protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    ModelInfo,
+    ServerInfo,
+)
 from pagedllm.entrypoints.openai.native_serving import NativeServing
-from pagedllm.entrypoints.openai.openapi import get_responses, post_responses
+from pagedllm.entrypoints.openai.openapi import (
+    generation_responses,
+    get_responses,
+    health_responses,
+    post_responses,
+)
+from pagedllm.entrypoints.openai.protocol_responses import ErrorResponse
 from pagedllm.entrypoints.openai.server_state import ServerState, random_id
 from pagedllm.sampling_params import SamplingParams
 
@@ -59,40 +70,40 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
         if not engine.is_running or engine.is_wedged(health_timeout):
             raise engine_dead()
 
-    @app.post("/generate", response_model=None, responses=post_responses())
+    @app.post("/generate", response_model=None, responses=generation_responses(GenerateResponse))
     async def generate(body: GenerateRequest, raw: Request) -> Response:
         """SGLang's native generation route (see ``native_serving``)."""
         require_engine()
         return await serving.create(body, raw, raw.state.request_id)
 
     @app.get("/get_model_info", responses=get_responses())
-    async def get_model_info() -> dict[str, Any]:
-        return {
-            "model_path": model_path,
-            "tokenizer_path": tokenizer_path,
-            "is_generation": True,
-            "served_model_names": state.served_model_names,
-        }
+    async def get_model_info() -> ModelInfo:
+        return ModelInfo(
+            model_path=model_path,
+            tokenizer_path=tokenizer_path,
+            is_generation=True,
+            served_model_names=state.served_model_names,
+        )
 
-    async def server_info() -> dict[str, Any]:
+    async def server_info() -> ServerInfo:
         cfg = engine.config
-        return {
-            "version": pagedllm.__version__,
-            "model_path": model_path,
-            "served_model_names": state.served_model_names,
-            "max_model_len": state.max_model_len,
-            "max_num_seqs": cfg.scheduler_config.max_num_seqs,
-            "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
-            "block_size": cfg.cache_config.block_size,
-            "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
-            "max_n": state.max_n,
-            "max_seqs_per_request": state.max_seqs_per_request,
-        }
+        return ServerInfo(
+            version=pagedllm.__version__,
+            model_path=model_path,
+            served_model_names=state.served_model_names,
+            max_model_len=state.max_model_len,
+            max_num_seqs=cfg.scheduler_config.max_num_seqs,
+            max_num_batched_tokens=cfg.scheduler_config.max_num_batched_tokens,
+            block_size=cfg.cache_config.block_size,
+            enable_prefix_caching=cfg.cache_config.enable_prefix_caching,
+            max_n=state.max_n,
+            max_seqs_per_request=state.max_seqs_per_request,
+        )
 
     for path in ("/get_server_info", "/server_info"):
         app.get(path, responses=get_responses())(server_info)
 
-    @app.get("/health_generate", response_class=Response)
+    @app.get("/health_generate", response_class=Response, responses=health_responses())
     async def health_generate() -> Response:
         """200 once one token has been generated: the whole path, not only the process."""
         if not engine.is_running:
@@ -110,7 +121,9 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
             return APIError(503, f"A test generation failed: {e}", code="unhealthy").response()
         return Response(status_code=200)
 
-    @app.post("/flush_cache")
+    not_implemented = {"model": ErrorResponse, "description": "The engine cannot flush."}
+
+    @app.post("/flush_cache", responses={501: not_implemented, **post_responses()})
     async def flush_cache() -> JSONResponse:
         raise APIError(
             501,
