@@ -8,7 +8,8 @@
 # Usage: tools/serve_vs_vllm.sh MODEL_DIR OUT_DIR [RATE ...]   (WHO="pagedllm vllm" by default)
 # CLIENT=structured: instead of the rates, the structured-output arms of issue 10 with
 # pagedllm's own client (chat, 64 concurrent, 512 in / 256 out): free, every request on the
-# ticket schema, every request on a schema of its own (compiled anew), and half constrained.
+# ticket schema, every request on a schema of its own (compiled anew), and half constrained
+# (SO_ARMS="none 1|ticket 0.5" picks arms). PAGEDLLM_ENGINE_CPROFILE=FILE profiles our engine.
 set -uo pipefail
 model=$(cd "$1" && pwd); out=$2; shift 2; rates=${*:-8 16}
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH VLLM_USE_FLASHINFER_SAMPLER=0 \
@@ -37,7 +38,8 @@ for who in ${WHO:-pagedllm vllm}; do
       --model $model --endpoint /v1/chat/completions --max-concurrency 64 --num-prompts 128
       --random-input-len 512 --random-output-len 256 --ignore-eos --disable-tqdm"
     PYTHONPATH=/tmp/site:$repo $bench --num-prompts 64 > /dev/null 2>&1  # warm-up
-    for arm in "none 1" "ticket 1" "ticket-new 1" "ticket 0.5"; do
+    IFS='|' read -ra arms <<< "${SO_ARMS:-none 1|ticket 1|ticket-new 1|ticket 0.5}"
+    for arm in "${arms[@]}"; do
       set -- $arm
       PYTHONPATH=/tmp/site:$repo $bench --structured-output $1 --structured-output-ratio $2 \
         --save-result --result-dir "$out" --result-filename "${who}_so_$1_$2.json" 2>&1 \

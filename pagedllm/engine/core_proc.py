@@ -242,7 +242,17 @@ def run_engine_core(
         gc.collect()
         gc.freeze()
         core.send(EngineReady(os.getpid(), core.stats()))
-        core.serve(Channel(inp, key), parent_pid)
+        profile_path = os.environ.get("PAGEDLLM_ENGINE_CPROFILE")
+        if profile_path:  # a developer's view of the engine loop's host time
+            import cProfile
+
+            profiler = cProfile.Profile()
+            try:
+                profiler.runcall(core.serve, Channel(inp, key), parent_pid)
+            finally:
+                profiler.dump_stats(profile_path)
+        else:
+            core.serve(Channel(inp, key), parent_pid)
     except BaseException as e:
         failed = True
         logger.exception("Engine process failed")

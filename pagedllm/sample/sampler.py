@@ -10,14 +10,16 @@ Pipeline for one step, on a float32 copy of the model's ``[B, V]`` logits:
    unseeded rows draw ``q`` in one batched call, each seeded row draws its own ``q`` from
    its request's ``torch.Generator``, so its tokens do not depend on the rest of the batch.
 
-Fast path. On CUDA a batch takes one Triton pass instead (``kernels/sampling.py``: the
+Fast path. On CUDA steps 2 and 4 take one Triton pass instead (``kernels/sampling.py``: the
 Gumbel-max form of the same race, noise from a per-step seed drawn from torch's default
-generator) iff no processor is active and no random row uses top-k, top-p, min-p or a seed;
-``fast_path_rows`` gives the same rule per row. The decision is for the whole batch, never
-split by row: the kernel cannot draw from a row's ``torch.Generator`` (so seeded rows must
-stay on the torch path to keep their streams), and routing only some unseeded rows through
-it would change which default-generator numbers every other row draws, so tokens under a
-fixed ``torch.manual_seed`` would no longer match the unsplit sampler.
+generator) iff no random row uses top-k, top-p, min-p or a seed; ``fast_path_rows`` gives
+the same rule per row. Active processors do not leave the fast path: they edit an fp32 copy
+of the logits first (a grammar mask or one penalized row costs that copy and the stage, not
+the four extra passes over the batch's logits of the torch path). The decision is for the
+whole batch, never split by row: the kernel cannot draw from a row's ``torch.Generator`` (so
+seeded rows must stay on the torch path to keep their streams), and routing only some
+unseeded rows through it would change which default-generator numbers every other row draws,
+so tokens under a fixed ``torch.manual_seed`` would no longer match the unsplit sampler.
 
 Logprobs (``compute_logprobs``) always come from the *raw* logits: ``log_softmax`` in fp32
 of the model output before any of the steps above, as vLLM v1 does by default.
@@ -104,14 +106,11 @@ def truncate_and_scale(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Te
     return logits
 
 
-def _gumbel_ok(
-    logits: torch.Tensor, meta: SamplingMetadata, active: Sequence[LogitsProcessor]
-) -> bool:
-    """Whole-batch fast-path rule (host flags only): no active processor and every random
-    row temperature-only and unseeded; ``fast_path_rows(...).all()`` on the device agrees."""
+def _gumbel_ok(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
+    """Whole-batch fast-path rule (host flags only): every random row temperature-only and
+    unseeded; ``fast_path_rows(meta).all()`` on the device agrees."""
     return (
-        not active
-        and meta.no_top_k
+        meta.no_top_k
         and meta.no_top_p
         and meta.no_min_p
         and not meta.generators
@@ -119,14 +118,12 @@ def _gumbel_ok(
     )
 
 
-def fast_path_rows(meta: SamplingMetadata, processors: Sequence[LogitsProcessor]) -> torch.Tensor:
-    """``[B]`` bool: rows the one-pass kernel could sample exactly as they ask (no processor
-    touches them, no top-k / top-p / min-p, no seed). Greedy rows qualify unless a processor
-    touches them. Diagnostic: the sampler itself only takes the fast path for a whole batch."""
+def fast_path_rows(meta: SamplingMetadata) -> torch.Tensor:
+    """``[B]`` bool: rows the one-pass kernel could sample exactly as they ask (no top-k /
+    top-p / min-p, no seed; greedy rows always). Diagnostic: the sampler itself only takes
+    the fast path for a whole batch."""
     v = meta.vocab_size
     ok = torch.ones_like(meta.greedy_mask)
-    for p in active_processors(processors, meta):
-        ok &= ~p.active_rows(meta)
     if meta.top_k is not None:
         ok &= meta.top_k >= v
     if meta.top_p is not None:
@@ -194,8 +191,13 @@ class Sampler(torch.nn.Module):
                 f"{meta.batch_size} sampling rows"
             )
         active = active_processors(self.processors, meta)
-        if _gumbel_ok(logits, meta, active):
-            sampled = _sample_fused(logits, meta)
+        if _gumbel_ok(logits, meta):
+            x = logits
+            if active:  # the processors edit an fp32 copy; the raw logits stay for logprobs
+                x = logits.to(torch.float32, copy=True)
+                for processor in active:
+                    x = processor.apply(x, meta)
+            sampled = _sample_fused(x, meta)
         else:
             sampled = _sample(logits, meta, active)
         if meta.max_num_logprobs is None:

@@ -14,6 +14,7 @@ from pagedllm.sample.processors import (
     LogitBias,
     LogitsProcessor,
     Penalties,
+    active_processors,
     apply_processors,
     default_processors,
 )
@@ -236,24 +237,28 @@ def _cases() -> list[tuple[str, list[SamplingRow], torch.Tensor | None, bool]]:
             None,
             True,
         ),
-        ("one masked row", plain, one_ban, False),
-        ("one penalty row", [*plain[:2], row(SamplingParams(presence_penalty=0.5))], None, False),
-        ("one min_tokens row", [*plain[:2], row(stop)], None, False),
-        ("one logit_bias row", [*plain[:2], row(bias={2: 1.0})], None, False),
+        ("one masked row", plain, one_ban, True),
+        ("one penalty row", [*plain[:2], row(SamplingParams(presence_penalty=0.5))], None, True),
+        ("one min_tokens row", [*plain[:2], row(stop)], None, True),
+        ("one logit_bias row", [*plain[:2], row(bias={2: 1.0})], None, True),
         ("one seeded row", [*plain[:2], row(SamplingParams(seed=3))], None, False),
         ("one top_p row", [*plain[:2], row(SamplingParams(top_p=0.5))], None, False),
     ]
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
-def test_fast_path_iff_no_processor_active(
+def test_fast_path_iff_no_truncation_or_seed(
     case: tuple[str, list[SamplingRow], torch.Tensor | None, bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Processors keep the fast path (the kernel gets their output); top-k/top-p/min-p or a
+    seed anywhere in the batch sends the whole batch down the torch path."""
     _, rows, mask, fast = case
     taken: list[str] = []
+    seen: list[torch.Tensor] = []
 
     def fake_fused(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         taken.append("fused")
+        seen.append(logits.clone())
         return logits.argmax(-1)
 
     original = sampler_mod._sample
@@ -266,9 +271,17 @@ def test_fast_path_iff_no_processor_active(
     monkeypatch.setattr(sampler_mod, "_sample_fused", fake_fused)
     monkeypatch.setattr(sampler_mod, "_sample", spy_sample)
     meta = build(rows, mask)
-    Sampler()(rand_logits(len(rows)), meta)
+    logits = rand_logits(len(rows))
+    raw = logits.clone()
+    Sampler()(logits, meta)
     assert taken == ["fused" if fast else "torch"]
-    assert bool(fast_path_rows(meta, default_processors()).all()) == fast
+    assert bool(fast_path_rows(meta).all()) == fast
+    assert torch.equal(logits, raw)  # the raw logits (for logprobs) are never edited
+    if fast:  # the kernel sampled the processed logits, exactly as the torch path edits them
+        expected = raw.clone()
+        for processor in active_processors(default_processors(), meta):
+            expected = processor.apply(expected, meta)
+        assert torch.equal(seen[0], expected)
 
 
 def test_fast_path_rows_per_row() -> None:
@@ -288,8 +301,8 @@ def test_fast_path_rows_per_row() -> None:
     rows[2].logit_bias = {3: 1.0}
     mask = torch.ones(len(rows), V, dtype=torch.bool)
     mask[3, 0] = False
-    got = fast_path_rows(build(rows, mask), default_processors())
-    assert got.tolist() == [True, False, False, False, False, True, False, False]
+    got = fast_path_rows(build(rows, mask))
+    assert got.tolist() == [True, True, True, True, False, True, True, False]
 
 
 def test_custom_processor_list() -> None:

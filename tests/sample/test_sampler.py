@@ -333,3 +333,33 @@ def test_sampler_logprobs_from_raw_logits() -> None:
     assert torch.equal(out.logprob_token_ids[:, 1:], ref.topk(5, dim=-1).indices)
     expect_ranks = (ref > ref.gather(1, out.sampled_token_ids[:, None])).sum(-1) + 1
     assert torch.equal(out.sampled_token_ranks, expect_ranks)
+
+
+@pytest.mark.gpu
+def test_fused_path_samples_processed_logits_on_gpu() -> None:
+    """On CUDA a batch with active processors (a logit bias, an allowed-token mask, a
+    penalty) still takes the one-pass kernel: draws follow the softmax of the processed
+    logits, masked tokens never come, greedy rows take the processed argmax."""
+    cuda = torch.device("cuda")
+    v, n = 64, 40000
+    logits = (torch.randn(v, generator=torch.Generator().manual_seed(3)) * 2).to(cuda)
+    allowed = torch.zeros(n + 1, v, dtype=torch.bool)
+    allowed[:, :8] = True
+    params = [SamplingParams(temperature=1.0) for _ in range(n)]
+    params.append(SamplingParams(temperature=0.0, repetition_penalty=2.0))
+    rows = [row(p, prompt=[1]) for p in params]
+    for r in rows[:n]:
+        r.logit_bias = {3: 2.0}
+    meta = SamplingMetadata.build(rows, v, cuda, allowed.to(cuda))
+    torch.manual_seed(7)
+    out = Sampler()(logits.expand(n + 1, -1).contiguous(), meta).sampled_token_ids.cpu()
+    processed = logits.cpu().clone()
+    processed[3] += 2.0
+    processed[8:] = float("-inf")
+    freq = torch.bincount(out[:n], minlength=v).float() / n
+    assert int(out[:n].max()) < 8
+    assert (freq - processed.softmax(-1)).abs().max() < 0.015
+    greedy = logits.cpu().clone()
+    greedy[1] = greedy[1] / 2.0 if greedy[1] > 0 else greedy[1] * 2.0
+    greedy[8:] = float("-inf")
+    assert int(out[n]) == int(greedy.argmax())
