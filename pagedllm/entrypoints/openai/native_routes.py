@@ -9,8 +9,9 @@
   frontend picks its chat template from ``model_path``);
 * ``GET /get_server_info`` (and ``/server_info``, the newer spelling): the serving limits;
 * ``GET /health_generate``: 200 once a one-token generation has gone through the engine;
-* ``POST /flush_cache``: 501, because the engine process has no command to drop its prefix
-  cache (a client that calls it learns so instead of believing it happened).
+* ``POST /flush_cache``: 400 ``not_supported``, because the engine process has no command to
+  drop its prefix cache (a client that calls it learns so instead of believing it happened;
+  a 400, as for every other feature we do not implement, never a 5xx).
 
 They sit behind the same ``GateMiddleware`` as the OpenAI routes (API key / JWT, rate limits,
 body limits), use the same error bodies, and refuse work while the engine is dead or wedged.
@@ -40,7 +41,6 @@ from pagedllm.entrypoints.openai.openapi import (
     health_responses,
     post_responses,
 )
-from pagedllm.entrypoints.openai.protocol_responses import ErrorResponse
 from pagedllm.entrypoints.openai.server_state import ServerState, random_id
 from pagedllm.sampling_params import SamplingParams
 
@@ -121,13 +121,11 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
             return APIError(503, f"A test generation failed: {e}", code="unhealthy").response()
         return Response(status_code=200)
 
-    not_implemented = {"model": ErrorResponse, "description": "The engine cannot flush."}
-
-    @app.post("/flush_cache", responses={501: not_implemented, **post_responses()})
+    @app.post("/flush_cache", response_model=None, responses=post_responses())
     async def flush_cache() -> JSONResponse:
         raise APIError(
-            501,
+            400,
             "flush_cache is not supported: the engine has no command to drop its prefix cache "
             "(cached blocks are evicted least-recently-used as memory is needed).",
-            code="not_implemented",
+            code="not_supported",
         )

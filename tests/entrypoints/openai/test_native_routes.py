@@ -59,7 +59,8 @@ def test_model_and_server_info(client: httpx.Client, llama_dir: Path) -> None:
         assert srv["max_model_len"] == 512 and srv["version"]
     assert client.get("/health_generate").status_code == 200
     r = client.post("/flush_cache")
-    assert r.status_code == 501 and "prefix cache" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "prefix cache" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "not_supported"
 
 
 def test_greedy_text_matches_transformers(client: httpx.Client, llama_dir: Path) -> None:
