@@ -111,6 +111,7 @@ class LangFunction:
             return state
 
         def body() -> None:
+            state._program_thread = threading.get_ident()
             error: BaseException | None = None
             try:
                 self._call(state, args, kwargs)

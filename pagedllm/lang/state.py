@@ -72,6 +72,7 @@ class ProgramState:
         self._events: list[tuple[str | None, str]] = []  # (variable or None, text) as added
         self._changed = threading.Condition()
         self._finished = not stream
+        self._program_thread: int | None = None  # the thread running a streamed program
         self._threaded = threaded
         self._pending: deque[tuple[Expr, str]] = deque()
         self._busy = False  # a worker thread is running this branch's pending work
@@ -178,14 +179,24 @@ class ProgramState:
             self._meta[expr.name] = out.meta_info
 
     # ---- reading -------------------------------------------------------------------------
+    def _wait_program(self) -> None:
+        """A streamed program is read by others once it has ended (``text_iter`` shows it as it
+        runs); the program itself reads its state at once."""
+        if self.stream and threading.get_ident() != self._program_thread:
+            with self._changed:
+                while not self._finished:
+                    self._changed.wait()
+
     def sync(self) -> None:
         """Wait until everything appended so far has run; raise the program's error."""
+        self._wait_program()
         self._wait_idle()
         if self._error is not None:
             raise self._error
 
     @property
     def error(self) -> ProgramError | None:
+        self._wait_program()
         self._wait_idle()
         return self._error
 

@@ -254,3 +254,16 @@ def test_gen_with_regex_and_json_schema(local: lang.LocalBackend, endpoint: lang
         prog.run(backend=local, temperature=0).text()
         == prog.run(backend=endpoint, temperature=0).text()
     )
+
+
+def test_reading_a_streamed_program_waits_for_its_end(local: lang.LocalBackend) -> None:
+    @lang.function
+    def uses_its_own_answer(s: ProgramState) -> None:
+        s += lang.user("Hi")
+        s += lang.assistant(lang.gen("a", max_tokens=4))
+        s += lang.user("You said: " + s["a"])  # the program reads its state at once
+
+    state = uses_its_own_answer.run(backend=local, temperature=0, stream=True)
+    final = uses_its_own_answer.run(backend=local, temperature=0)
+    assert state["a"] == final["a"] and state.text() == final.text()
+    assert state.messages()[-1]["content"] == "You said: " + final["a"]

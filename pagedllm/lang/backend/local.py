@@ -97,7 +97,8 @@ class LocalBackend(Backend):
                 )
             )
 
-        auto = str(tok.decode(self.processor.tokenize(""))) if self.processor.tokenize("") else ""
+        empty = self.processor.tokenize("")
+        auto = str(tok.decode(empty)) if empty else ""  # what tokenizing adds itself (BOS)
         return derive_role_template(render, auto)
 
     @property
