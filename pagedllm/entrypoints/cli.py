@@ -1,4 +1,4 @@
-"""The ``pagedllm`` console script: ``generate``, ``serve``, ``bench``, ``chat``.
+"""The ``pagedllm`` console script: ``generate``, ``serve``, ``bench``, ``chat``, ``infer``.
 
 Parsing imports neither torch nor transformers (``--help`` and a typo answer at once): each
 command imports what it runs inside its function. ``--config FILE.yaml`` is expanded into flags
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagedllm.entrypoints.chat_repl import add_chat_parser
 
     add_chat_parser(sub)
+    from pagedllm.entrypoints.infer import add_infer_parser
+
+    add_infer_parser(sub)
     return parser
 
 

@@ -41,6 +41,7 @@ EXPECTED: dict[str, Any] = {
     "seed": 3,
     "load_format": "dummy",
     "tokenizer": TOKENIZER_DIR,
+    "quantization": None,  # must agree with a quantized checkpoint (tests/models)
     "revision": None,  # hub ids only (tests/config/test_hub.py)
     "tokenizer_revision": None,
     "download_dir": "/nonexistent/cache",

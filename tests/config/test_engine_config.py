@@ -54,10 +54,12 @@ FLAT_VALUES: dict[str, tuple[str, Any]] = {
 
 # Hub revisions apply to hub ids only (tests/config/test_hub.py); to_kwargs() gives them as None.
 HUB_ONLY = {"revision", "tokenizer_revision"}
+# Keywords with no other valid value for a plain checkpoint (tested where they apply).
+NEED_A_CHECKPOINT = {"quantization"}  # must agree with a quantized checkpoint
 
 
 def test_the_table_names_every_flat_keyword() -> None:
-    assert set(FLAT_VALUES) | {"model"} | HUB_ONLY == set(FIELD_OWNERS)
+    assert set(FLAT_VALUES) | {"model"} | HUB_ONLY | NEED_A_CHECKPOINT == set(FIELD_OWNERS)
 
 
 @pytest.mark.parametrize("name", sorted(FLAT_VALUES))
@@ -77,7 +79,8 @@ def test_every_flat_kwarg_lands_in_its_group(name: str, arch_dir: str) -> None:
 def test_all_keywords_at_once_and_back(arch_dir: str) -> None:
     kw = {name: value for name, (_, value) in FLAT_VALUES.items()}
     cfg = EngineConfig(model=arch_dir, **kw)
-    assert cfg.to_kwargs() == {"model": arch_dir, **kw, **dict.fromkeys(HUB_ONLY)}
+    unset = dict.fromkeys(HUB_ONLY | NEED_A_CHECKPOINT)
+    assert cfg.to_kwargs() == {"model": arch_dir, **kw, **unset}
     assert EngineConfig(**cfg.to_kwargs()) == cfg
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # it travels to the engine process
 
