@@ -98,3 +98,67 @@ def test_run_batch_and_stream_same_text(sgl: Any, runtime: Any, local: lang.Loca
     pieces = list(streamed.text_iter())
     want = ours.run(q1="Hi", q2="And?", backend=local, temperature=0).text()
     assert "".join(pieces) == want and len(pieces) > 3
+
+
+def _regex_gen(m: Any) -> Callable[..., None]:
+    def regex_gen(s: Any) -> None:
+        s += "Q: which code? A:" + m.gen("code", regex="[0-9]{3}", max_tokens=8)
+
+    return regex_gen
+
+
+def test_regex_gen_same_text(sgl: Any, runtime: Any, local: lang.LocalBackend) -> None:
+    theirs, ours = _both(_regex_gen, sgl)
+    s_state = theirs.run(backend=runtime, temperature=0)
+    o_state = ours.run(backend=local, temperature=0)
+    assert s_state.text() == o_state.text()
+    assert len(o_state["code"]) == 3 and o_state["code"].isdigit()
+
+
+def test_select_logprobs_agree(sgl: Any, runtime: Any, local: lang.LocalBackend) -> None:
+    """SGLang's greedy select compares logprobs from the start of its window, two tokens before
+    the choices, so float noise on the shared prefix tokens can decide it; the logprobs our
+    server gives it for the choices' own tokens are the ones pagedllm.lang scores."""
+    from sglang.lang.choices import greedy_token_selection  # type: ignore[import-not-found]
+
+    choices = [" yes", " no", " maybe"]
+
+    @sgl.function
+    def theirs(s: Any) -> None:
+        s += "Q: is it on? A:"
+        s += sgl.select("c", choices=choices, choices_method=greedy_token_selection)
+
+    @lang.function
+    def ours(s: Any) -> None:
+        s += "Q: is it on? A:" + lang.select("c", choices=choices, choices_method="greedy")
+
+    their_rows = theirs.run(backend=runtime).get_meta_info("c")["input_token_logprobs"]
+    our_rows = ours.run(backend=local).get_meta_info("c")["token_logprobs"]
+    prefix_ids = local.tokenize("Q: is it on? A:")
+    for choice, their_row, our_row in zip(choices, their_rows, our_rows, strict=True):
+        ids = local.tokenize("Q: is it on? A:" + choice)
+        start = 0
+        while start < len(prefix_ids) and prefix_ids[start] == ids[start]:
+            start += 1
+        tail = their_row[-len(our_row) :]
+        assert [e[1] for e in tail] == ids[start:]
+        assert [e[0] for e in tail] == pytest.approx(our_row, abs=1e-3)
+
+
+def test_unconditional_select_and_gen_int_run(sgl: Any, runtime: Any) -> None:
+    """SGLang's unconditional select sends token-id prompts for scoring, and ``gen_int`` a
+    regex with stop strings: both are answered (their decisions are SGLang's own)."""
+    from sglang.lang.choices import (  # type: ignore[import-not-found]
+        unconditional_likelihood_normalized,
+    )
+
+    @sgl.function
+    def prog(s: Any) -> None:
+        s += "Pick:" + sgl.select(
+            "c", choices=[" a", " bc"], choices_method=unconditional_likelihood_normalized
+        )
+        s += " Number: " + sgl.gen_int("n", max_tokens=4)
+
+    state = prog.run(backend=runtime, temperature=0)
+    assert state["c"] in (" a", " bc")
+    assert state["n"].strip().lstrip("+-").isdigit()
