@@ -16,6 +16,7 @@ the batch keeps the one-pass sampler.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pagedllm.device_utils import h2d
@@ -81,24 +82,28 @@ def prepare_allowed_mask(
                 f"allowed_token_mask: packed mask must be [{batch_size}, {w}] int32, "
                 f"got {list(mask.shape)}"
             )
-        packed = mask.clone()  # the caller may refill its buffer while this step runs
+        packed = mask
     else:
         raise ValueError(f"allowed_token_mask must be bool or int32, got {mask.dtype}")
-    # Checked on the packed words (B x V / 32, not B x V): the last word's bits past V are
-    # ignored.
-    packed_cpu = packed.cpu()
+    # Checked on the packed words (B x V / 32, not B x V) in numpy: torch's CPU ops on a
+    # mask this size cost milliseconds each in a busy engine process (thread-pool wake-ups),
+    # numpy's tens of microseconds. The last word's bits past V are ignored.
+    words = packed.cpu().numpy()
     tail_bits = vocab_size - (w - 1) * BITS
-    tail = torch.tensor(-1 if tail_bits == BITS else (1 << tail_bits) - 1, dtype=torch.int32)
-    last = packed_cpu[:, -1] & tail
-    any_allowed = (packed_cpu[:, :-1] != 0).any(dim=1) | (last != 0)
-    empty = (~any_allowed).nonzero().flatten().tolist()
+    tail = np.int32(-1 if tail_bits == BITS else (1 << tail_bits) - 1)
+    last = words[:, -1] & tail
+    any_allowed = words[:, :-1].any(axis=1) | (last != 0)
+    empty = np.flatnonzero(~any_allowed).tolist()
     if empty:
         raise ValueError(
             f"allowed_token_mask allows no token for sampling row(s) {empty}; every row must "
             "allow at least one token id in [0, vocab_size)"
         )
-    if bool((packed_cpu[:, :-1] == -1).all()) and bool((last == tail).all()):
+    if (words[:, :-1] == -1).all() and (last == tail).all():
         return None
-    if packed.device == device:
-        return packed
-    return h2d(packed, torch.int32, device)
+    # Always a copy: the caller may refill its buffer while this step runs.
+    if device.type != "cuda":
+        return torch.from_numpy(words.copy())
+    if packed.device.type == "cuda":
+        return packed.clone() if packed is mask else packed
+    return h2d(words, torch.int32, device)  # pinned staging, then an async copy
