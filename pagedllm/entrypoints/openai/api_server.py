@@ -1,6 +1,7 @@
 """The FastAPI app: ``build_app(engine, args)`` wires routes, errors, auth, limits and metrics.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
+(``responses_api.py``), ``GET /v1/models``,
 ``GET /v1/models/{model}``, ``GET /health``, ``GET /ping``, ``GET /metrics``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /version`` and, with ``--enable-tokenizer-info-endpoint``,
 ``GET /tokenizer_info`` (``routes_misc.py``).
@@ -60,6 +61,7 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     TokenizeResponse,
     VersionResponse,
 )
+from pagedllm.entrypoints.openai.responses_api import install_responses_route
 from pagedllm.entrypoints.openai.routes_misc import install_misc_routes
 from pagedllm.entrypoints.openai.server_state import ServerState, check_unicode
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
@@ -184,6 +186,8 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
     def model_card(name: str) -> ModelCard:
         max_len = engine.input_processor.max_model_len
         return ModelCard(id=name, root=_model_root(args, names), max_model_len=max_len)
+
+    install_responses_route(app, chat, require_engine)
 
     @app.get("/v1/models", responses=get_responses())
     async def models() -> ModelList:

@@ -1,0 +1,130 @@
+"""``POST /v1/responses`` driven by the official ``openai`` client: the same greedy text as chat
+completions, instructions as the system message, the streamed event sequence, structured
+output through ``text.format``, and 400s for what is not implemented."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME, ServerProc
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _chat(client: openai.OpenAI, messages: list[dict[str, Any]], max_tokens: int) -> Any:
+    return client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0.0,  # type: ignore[arg-type]
+    )
+
+
+def test_text_in_text_out(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model=MODEL_NAME, input="hello", max_output_tokens=8, temperature=0.0
+    )
+    ref = _chat(client, [{"role": "user", "content": "hello"}], 8)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL_NAME
+    assert r.output_text == ref.choices[0].message.content
+    assert r.usage is not None and r.usage.output_tokens == ref.usage.completion_tokens  # type: ignore[union-attr]
+    assert r.usage.input_tokens == ref.usage.prompt_tokens  # type: ignore[union-attr]
+    if ref.choices[0].finish_reason == "length":
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
+    else:
+        assert r.status == "completed"
+
+
+def test_instructions_and_message_list(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model=MODEL_NAME,
+        instructions="Be terse.",
+        input=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+            {"role": "user", "content": [{"type": "input_text", "text": "again"}]},
+        ],
+        max_output_tokens=6,
+        temperature=0.0,
+    )
+    ref = _chat(
+        client,
+        [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "again"},
+        ],
+        6,
+    )
+    assert r.output_text == ref.choices[0].message.content
+
+
+def test_streamed_events(client: openai.OpenAI) -> None:
+    events = list(
+        client.responses.create(
+            model=MODEL_NAME, input="hello", max_output_tokens=8, temperature=0.0, stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:-1] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert deltas == final.output_text == events[-4].text  # type: ignore[union-attr]
+    ref = client.responses.create(
+        model=MODEL_NAME, input="hello", max_output_tokens=8, temperature=0.0
+    )
+    assert deltas == ref.output_text and final.usage.output_tokens == ref.usage.output_tokens  # type: ignore[union-attr]
+
+
+def test_json_schema_format(client: openai.OpenAI) -> None:
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    r = client.responses.create(
+        model=MODEL_NAME,
+        input="yes or no?",
+        max_output_tokens=20,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema}},
+    )
+    assert json.loads(r.output_text) in ("yes", "no")
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format"),
+    ],
+)
+def test_unsupported_fields_are_400(server: ServerProc, extra: dict[str, Any], field: str) -> None:
+    body = {"model": MODEL_NAME, "input": "hi", "store": False, "metadata": {"a": "b"}, **extra}
+    r = httpx.post(f"{server.base_url}/v1/responses", json=body, headers=server.headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_unknown_model_is_404(server: ServerProc) -> None:
+    body = {"model": "nope", "input": "hi"}
+    r = httpx.post(f"{server.base_url}/v1/responses", json=body, headers=server.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
