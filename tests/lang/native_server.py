@@ -23,6 +23,7 @@ from typing import Any
 class ThreadServer:
     base_url: str
     api_key: str | None
+    app: Any = None  # the FastAPI app, when it runs in this process
 
     @property
     def headers(self) -> dict[str, str]:
@@ -59,7 +60,7 @@ def serve_in_thread(
         while not server.started and time.monotonic() < deadline and thread.is_alive():
             time.sleep(0.02)
         assert server.started, "uvicorn did not start"
-        yield ThreadServer(f"http://127.0.0.1:{port}", api_key)
+        yield ThreadServer(f"http://127.0.0.1:{port}", api_key, app)
     finally:
         server.should_exit = True
         thread.join(30)

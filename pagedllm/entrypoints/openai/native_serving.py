@@ -123,7 +123,10 @@ class NativeServing(OpenAIServing):
                 "sampling_params.min_new_tokens",
             )
         lp = req.top_logprobs_num if req.return_logprob else None
-        kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+        kind = RequestOutputKind.FINAL_ONLY
+        st = self.state
+        if req.stream or st.queue_timeout is not None or st.rate_limiter is not None:
+            kind = RequestOutputKind.DELTA  # the queue timeout waits for the first token only
         try:
             params = SamplingParams(
                 n=sp.n,

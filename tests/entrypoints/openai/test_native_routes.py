@@ -233,3 +233,37 @@ def test_seed_makes_sampling_reproducible(client: httpx.Client) -> None:
     assert _gen(client, {"text": "a", "sampling_params": sp})["text"] == a
     too_big = {**sp, "sampling_seed": 2**63}
     assert _gen(client, {"text": "a", "sampling_params": too_big}, 400)["error"]["param"]
+
+
+def test_queue_timeout_waits_for_the_first_token_only(
+    server: ThreadServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --queue-timeout the engine streams to the route (the timeout bounds the wait for
+    the first token, not the whole generation): the answer is still whole and the same."""
+    body = {
+        "text": "def h():",
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True},
+    }
+    whole = _gen(client, body)
+    state = server.app.state.server
+    kinds: list[str] = []
+    generate = state.engine.generate
+
+    def recording(prompt: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        kinds.append(params.output_kind.name)
+        return generate(prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(state.engine, "generate", recording)
+    monkeypatch.setattr(state, "queue_timeout", 30.0)
+    streamed_inside = _gen(client, body)
+    assert kinds == ["DELTA"]
+    whole["meta_info"].pop("id")
+    streamed_inside["meta_info"].pop("id")
+    whole["meta_info"].pop("cached_tokens")
+    streamed_inside["meta_info"].pop("cached_tokens")
+    assert streamed_inside == whole and whole["meta_info"]["completion_tokens"] == 40
+    monkeypatch.setattr(state, "queue_timeout", 1e-6)
+    err = _gen(client, body, status=503)["error"]
+    assert err["code"] == "queue_timeout"
