@@ -143,10 +143,14 @@ def _run_workloads(
     counters: Callable[[], tuple[int, int]],
     args: argparse.Namespace,
 ) -> dict[str, dict[str, float]]:
-    """programs/s and prefix-cache hit rate of each workload on ``backend``."""
+    """programs/s and prefix-cache hit rate of each workload on ``backend`` (and, in process,
+    the most requests the engine held at once)."""
     results: dict[str, dict[str, float]] = {}
+    driver = getattr(backend, "_driver", None)
     for name in args.workloads:
         batch = workload_args(name, args.num_programs, args.max_tokens, args.data_seed)
+        if driver is not None and hasattr(driver, "peak_in_flight"):
+            driver.peak_in_flight = 0
         queries0, hits0 = counters()
         start = time.perf_counter()
         states = _PROGRAMS[name].run_batch(
@@ -168,6 +172,8 @@ def _run_workloads(
             "programs_per_s": len(states) / elapsed,
             "prefix_cache_hit_rate": (hits - hits0) / looked_up if looked_up else 0.0,
         }
+        if driver is not None and hasattr(driver, "peak_in_flight"):
+            results[name]["peak_requests_in_flight"] = driver.peak_in_flight
     return results
 
 
@@ -257,14 +263,28 @@ def _run_http(kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 
 def _markdown(rep: dict[str, Any]) -> str:
     rows = [
-        [w, b, r["programs"], r["programs_per_s"], r["prefix_cache_hit_rate"]]
+        [
+            w,
+            b,
+            r["programs"],
+            r["programs_per_s"],
+            r["prefix_cache_hit_rate"],
+            r.get("peak_requests_in_flight"),
+        ]
         for b, per in rep["results"].items()
         for w, r in per.items()
     ]
     args = rep["args"]
     extra = [f"{args['num_programs']} programs per workload, max_tokens {args['max_tokens']}"]
     head = report.header_lines("pagedllm bench lang", rep["env"], rep["model"], extra)
-    table = ["workload", "backend", "programs", "programs/s", "prefix-cache hit rate"]
+    table = [
+        "workload",
+        "backend",
+        "programs",
+        "programs/s",
+        "prefix-cache hit rate",
+        "peak requests in flight",
+    ]
     return head + report.markdown_table(table, rows)
 
 

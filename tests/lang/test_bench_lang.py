@@ -36,4 +36,6 @@ def test_bench_lang_reports_both_backends(llama_dir: Path, tmp_path: Path) -> No
         # asks for prompt logprobs, which the engine computes without the cache today.)
         assert per["tree_of_thought"]["prefix_cache_hit_rate"] > 0.5
         assert per["multi_turn"]["prefix_cache_hit_rate"] > 0.3
+    # In process, a fork's branches are in the engine together.
+    assert rep["results"]["local"]["tree_of_thought"]["peak_requests_in_flight"] >= 2
     assert (tmp_path / "lang.md").exists()

@@ -41,6 +41,7 @@ class EngineLoop:
         self.engine = engine
         self._inbox: queue.Queue[list[Submission] | None] = queue.Queue()
         self._live: dict[str, Submission] = {}
+        self.peak_in_flight = 0  # most requests in the engine at once (reset it to measure)
         self._thread = threading.Thread(target=self._run, name="lang-engine", daemon=True)
         self._thread.start()
 
@@ -62,6 +63,7 @@ class EngineLoop:
                 s.future.set_exception(e)
                 continue
             self._live[rid] = s
+        self.peak_in_flight = max(self.peak_in_flight, len(self._live))
 
     def _run(self) -> None:
         try:
