@@ -4,7 +4,8 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/resp
 (``responses_api.py``), ``GET /v1/models``,
 ``GET /v1/models/{model}``, ``GET /health``, ``GET /ping``, ``GET /metrics``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /version`` and, with ``--enable-tokenizer-info-endpoint``,
-``GET /tokenizer_info`` (``routes_misc.py``).
+``GET /tokenizer_info`` (``routes_misc.py``); with ``--ui``, the web chat page at ``/ui``
+(``ui.py``).
 
 ``GateMiddleware`` (``gate.py``) runs in front of every route: request ids, authentication,
 rate limits and the body limits. ``CORSMiddleware`` runs in front of the gate, so that a
@@ -157,6 +158,10 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         body_read_timeout=_opt(args, "body_read_timeout", None),
         write_timeout=_opt(args, "write_timeout", None),
     )
+    if _opt(args, "ui", False):  # in front of the gate: a page load carries no API key
+        from pagedllm.entrypoints.openai.ui import UIMiddleware
+
+        app.add_middleware(UIMiddleware)
     app.add_middleware(CORSMiddleware, **cors_kwargs(args))  # added last: outermost
 
     health_timeout = float(_opt(args, "engine_health_timeout", 10.0))

@@ -121,6 +121,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="serve GET /tokenizer_info (it shows the chat template)",
     )
+    g.add_argument("--ui", action="store_true", help="serve a web chat page at /ui")
     g.add_argument(
         "--enable-request-id-headers",
         action="store_true",
