@@ -116,9 +116,12 @@ def _dummy_init(model: nn.Module, seed: int) -> None:
     """Random weights of the real shapes, drawn on the model's device (fast for 8B models).
 
     Parameter i (in ``named_parameters`` order) draws U(-1e-3, 1e-3) from a generator seeded
-    with ``seed + i``; norm weights are 1; integer parameters (packed quantized tensors) 0.
+    with ``seed + i``; norm weights are 1; integer parameters (packed quantized tensors) 0;
+    parameters marked ``dummy_keep`` keep the value their layer gave them.
     """
     for i, (name, param) in enumerate(model.named_parameters()):
+        if getattr(param, "dummy_keep", False):  # e.g. GPTQ's g_idx: its default is valid
+            continue
         if "norm" in name:
             param.data.fill_(1.0)
             continue

@@ -20,7 +20,7 @@ from torch import nn
 
 from pagedllm.layers.quantization import register_quantization_config
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
-from pagedllm.layers.quantization.packing import dequantize_awq
+from pagedllm.layers.quantization.packing import AWQ_ORDER, unpack_cols
 from pagedllm.layers.quantization.weight_only import WeightOnlyLinearMethod, register_param
 
 
@@ -94,7 +94,11 @@ class AWQLinearMethod(WeightOnlyLinearMethod):
             {**group_dim, "output_dim": 1} | extra_weight_attrs,
         )
 
-    def dequantize(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_awq(
-            layer.qweight, layer.qzeros, layer.scales, self.group_size, self.bits, dtype
-        )
+    def checkpoint_values(
+        self, layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = unpack_cols(layer.qweight, self.bits, AWQ_ORDER)
+        zeros = unpack_cols(layer.qzeros, self.bits, AWQ_ORDER)
+        k = q.shape[0]
+        group = k if self.group_size == -1 else self.group_size
+        return q, zeros, torch.arange(k, device=q.device) // group

@@ -24,7 +24,7 @@ from torch import nn
 
 from pagedllm.layers.quantization import register_quantization_config
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
-from pagedllm.layers.quantization.packing import dequantize_gptq
+from pagedllm.layers.quantization.packing import gptq_zeros, unpack_rows
 from pagedllm.layers.quantization.weight_only import (
     WeightOnlyLinearMethod,
     check_divisible,
@@ -117,15 +117,18 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
             {
                 "input_dim": 0,
                 "weight_loader": _SameForEveryPart(layer_loader),
+                # Random (dummy) weights keep this valid grouping.
+                "dummy_keep": True,
                 # Without act-order the checkpoint may leave g_idx out: k // group_size.
                 "optional_in_checkpoint": not self.config.desc_act,
             },
         )
 
-    def dequantize(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_gptq(
-            layer.qweight, layer.qzeros, layer.scales, layer.g_idx, self.bits, dtype
-        )
+    def checkpoint_values(
+        self, layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = unpack_rows(layer.qweight, self.bits)
+        return q, gptq_zeros(layer.qzeros, self.bits), layer.g_idx.long()
 
     def check_loaded(self, layer: nn.Module) -> None:
         groups = layer.scales.shape[0]

@@ -45,6 +45,15 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(packed.shape[0] * pf, packed.shape[1])
 
 
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`unpack_rows`: ``[K, N]`` values (< 2**bits) -> ``[K / pf, N]`` words."""
+    pf = pack_factor(bits)
+    v = values.to(torch.int64).reshape(values.shape[0] // pf, pf, values.shape[1])
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device).view(1, pf, 1)
+    words = (v << shifts).sum(dim=1)  # disjoint bit fields: the sum is their OR
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 def unpack_cols(
     packed: torch.Tensor, bits: int, order: tuple[int, ...] | None = None
 ) -> torch.Tensor:

@@ -1,15 +1,26 @@
-"""What the weight-only integer methods (GPTQ, AWQ) share: parameters, checks, the matmul.
+"""What the weight-only integer methods (GPTQ, AWQ) share: parameters, checks, one layout.
 
-Both keep the checkpoint's packed tensors as they are (``qweight`` / ``qzeros`` int32,
-``scales`` in the model dtype, GPTQ's ``g_idx``), registered with the layout attributes the
-layers' shard-aware ``weight_loader`` reads (``output_dim`` / ``input_dim``, ``packed_dim`` /
-``packed_factor``; see ``layers/weight_utils.py``): a fused q/k/v or gate/up layer then
-places each checkpoint part at its columns, in packed words where the output dimension is
-packed, which is why every part's width must be a whole number of words (checked here, at
+Both register the checkpoint's packed tensors as they are (``qweight`` / ``qzeros`` int32,
+``scales`` in the model dtype, GPTQ's ``g_idx``), with the layout attributes the layers'
+shard-aware ``weight_loader`` reads (``output_dim`` / ``input_dim``, ``packed_dim`` /
+``packed_factor``; see ``layers/weight_utils.py``): a fused q/k/v or gate/up layer then places
+each checkpoint part at its columns, in packed words where the output dimension is packed,
+which is why every part's width must be a whole number of words (checked here, at
 construction, rather than discovered as a misaligned copy).
 
-``apply`` dequantizes the whole weight and multiplies (``packing.py``): exact, and the path on
-CPU. GPU kernels that read the packed words directly plug in here.
+After loading, both formats become one layout (``canonicalize``), which the CPU path and the
+GPU kernel (``kernels/int4_gemm.py``) read:
+
+* ``w_packed`` int32 ``[K / pf, N]``: the values packed along the input dimension (GPTQ's
+  order; AWQ is repacked), with act-order rows sorted by group, so that row ``k`` is in
+  group ``k // group_size`` and a block of rows needs one row of scales;
+* ``w_perm`` int64 ``[K]`` or None: the input columns in that order (``x[:, w_perm]``);
+* ``w_zeros`` uint8 ``[G, N]``: the zero points, unpacked (GPTQ's v1 offset undone);
+* ``scales`` ``[G, N]`` as loaded.
+
+The checkpoint tensors are then dropped, so the weights are held once. ``apply`` runs the
+Triton kernel for fp16 / bf16 inputs on CUDA, else dequantizes and multiplies (exact: the
+CPU reference path).
 """
 
 from __future__ import annotations
@@ -21,7 +32,10 @@ import torch
 from torch import nn
 
 from pagedllm.layers.quantization.base import LinearMethodBase
+from pagedllm.layers.quantization.packing import pack_rows, unpack_rows
 from pagedllm.layers.weight_utils import set_weight_attrs
+
+CHECKPOINT_TENSORS = ("qweight", "qzeros", "g_idx")
 
 
 def register_param(
@@ -43,8 +57,8 @@ def check_divisible(value: int, by: int, what: str, why: str) -> None:
 class WeightOnlyLinearMethod(LinearMethodBase):
     """Integer weights with per-group scales and zero points; activations in the model dtype.
 
-    Subclasses register their parameters and say how to turn them into the ``[K, N]`` weight
-    (``dequantize``); ``apply`` computes ``x @ W (+ bias)``.
+    Subclasses register their checkpoint parameters and say how to read them as integers
+    (``checkpoint_values``); the rest (checks, the one layout, ``apply``) is shared.
     """
 
     method_name = ""
@@ -82,19 +96,83 @@ class WeightOnlyLinearMethod(LinearMethodBase):
         return getattr(layer, "prefix", "") or type(layer).__name__
 
     @abstractmethod
+    def checkpoint_values(
+        self, layer: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loaded layer as ``(q [K, N], zeros [G, N], group of each row [K])`` integers."""
+
+    def check_loaded(self, layer: nn.Module) -> None:  # noqa: B027
+        """Format checks after loading (before canonicalizing); none by default."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Check the loaded integers, then convert them to the one layout (module doc)."""
+        if hasattr(layer, "w_packed"):
+            return
+        self.check_loaded(layer)
+        q, zeros, groups = self.checkpoint_values(layer)
+        packed, perm = canonicalize(q, groups, self.bits, self.group_size, self._name(layer))
+        for name in CHECKPOINT_TENSORS:
+            if name in layer._parameters:
+                delattr(layer, name)
+        layer.register_buffer("w_packed", packed, persistent=False)
+        layer.register_buffer("w_perm", perm, persistent=False)
+        layer.register_buffer("w_zeros", zeros.to(torch.uint8), persistent=False)
+
     def dequantize(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        """The layer's ``[K, N]`` weight in ``dtype`` (``y = x @ W``)."""
+        """The ``[K, N]`` weight in ``dtype``, rows in ``w_perm`` order (``y = x[:, perm] @ W``)."""
+        q = unpack_rows(layer.w_packed, self.bits)
+        k = q.shape[0]
+        g = torch.arange(k, device=q.device) // (k if self.group_size == -1 else self.group_size)
+        return (q - layer.w_zeros[g].to(torch.int32)).to(dtype) * layer.scales[g].to(dtype)
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        w = self.dequantize(layer, x.dtype)
-        y = torch.matmul(x, w)
+        if not hasattr(layer, "w_packed"):
+            raise RuntimeError(
+                f"{self._name(layer)}: process_weights_after_loading has not run (the loader "
+                "calls it once the checkpoint is in)"
+            )
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            from pagedllm.kernels.int4_gemm import int_weight_linear
+
+            shape = x.shape
+            y = int_weight_linear(
+                x.reshape(-1, shape[-1]),
+                layer.w_packed,
+                layer.w_zeros,
+                layer.scales,
+                layer.w_perm,
+                self.bits,
+                self.group_size,
+                bias,
+            )
+            return y.reshape(*shape[:-1], y.shape[-1])
+        if layer.w_perm is not None:
+            x = x[..., layer.w_perm]
+        y = torch.matmul(x, self.dequantize(layer, x.dtype))
         return y if bias is None else y + bias
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Reject a checkpoint whose integers fall outside the format (e.g. a bad ``g_idx``)."""
-        self.check_loaded(layer)
 
-    def check_loaded(self, layer: nn.Module) -> None:  # noqa: B027
-        """Format checks after loading; none by default."""
+def canonicalize(
+    q: torch.Tensor, groups: torch.Tensor, bits: int, group_size: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(w_packed, w_perm)`` of values ``q`` [K, N] whose row ``k`` is in group ``groups[k]``.
+
+    Rows are sorted by group (stably; no permutation when already sorted). Each group must
+    then hold ``group_size`` consecutive rows, as act-order checkpoints do (their ``g_idx``
+    is a permutation of ``k // group_size``); anything else is rejected by name.
+    """
+    k = q.shape[0]
+    expected = torch.arange(k, device=q.device) // (k if group_size == -1 else group_size)
+    perm: torch.Tensor | None = None
+    if not torch.equal(groups, expected):
+        sorted_groups, order = torch.sort(groups, stable=True)
+        if not torch.equal(sorted_groups, expected):
+            raise ValueError(
+                f"{what}: g_idx does not give every group exactly {group_size} input rows; "
+                "only such act-order layouts are supported"
+            )
+        perm = order
+        q = q[order]
+    return pack_rows(q, bits), perm

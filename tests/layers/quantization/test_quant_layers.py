@@ -158,12 +158,20 @@ def test_fused_parts_line_up_with_the_packing(
     if kind == "gptq":
         fused["g_idx"] = gu[0]["g_idx"]
     _load(gate_up, fused)
+    process_weights_after_loading(gate_up)
     dense = torch.cat([_dense(kind, part, bits, group) for part in gu])
     torch.testing.assert_close(gate_up(x), x @ dense.T, rtol=1e-5, atol=1e-5)
 
     down = RowParallelLinear(k, 64, quant_config=cfg, prefix="down")
     tensors = random_layer(kind, k, 64, bits, group, act_order, seed=20)
     _load(down, tensors)
+    with pytest.raises(RuntimeError, match="down: process_weights_after_loading has not run"):
+        down(x)
+    process_weights_after_loading(down)
+    # The checkpoint's tensors gave way to the one layout: the weights are held once.
+    assert {n for n, _ in down.named_parameters()} == {"scales"}
+    assert down.w_packed.shape == (k * bits // 32, 64) and down.w_zeros.dtype == torch.uint8
+    assert (down.w_perm is not None) == act_order
     torch.testing.assert_close(
         down(x), x @ _dense(kind, tensors, bits, group).T, rtol=1e-5, atol=1e-5
     )
@@ -221,12 +229,13 @@ def test_g_idx_is_optional_without_act_order_only(tmp_path: Path, tiny_tokenizer
         load_model(EngineConfig(model=str(actorder), device="cpu", dtype="float32"))
 
 
-def test_dummy_weights_of_a_quantized_shape(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["awq-qwen2-int4-g32", "gptq-llama-int4-g32-actorder"])
+def test_dummy_weights_of_a_quantized_shape(tmp_path: Path, name: str) -> None:
     path = tmp_path / "m"
     path.mkdir()
-    shutil.copyfile(checkpoint_path("awq-qwen2-int4-g32") / "config.json", path / "config.json")
+    shutil.copyfile(checkpoint_path(name) / "config.json", path / "config.json")
     model = load_model(EngineConfig(model=str(path), device="cpu", load_format="dummy"))
     layer = model.model.layers[1].mlp.down_proj
-    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (256, 128 // 8)
+    assert layer.w_packed.dtype == torch.int32 and layer.w_packed.shape == (256 // 8, 128)
     assert layer(torch.randn(2, 256)).shape == (2, 128)
     assert json.loads((path / "config.json").read_text())["quantization_config"]["bits"] == 4

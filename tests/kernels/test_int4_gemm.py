@@ -1,0 +1,146 @@
+"""GPU: the weight-only int4 / int8 GEMM against dequantize-then-matmul, and GPTQ / AWQ layers
+and checkpoints running through it.
+
+Run: ``python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_int4_gemm.py -s``
+(``-s`` shows the decode bandwidth of Qwen2.5-14B's shapes).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+
+from pagedllm.kernels.int4_gemm import int_weight_linear, pick_config  # noqa: E402
+from pagedllm.layers.quantization.weight_only import canonicalize  # noqa: E402
+
+
+def _random(
+    k: int, n: int, bits: int, group: int, act_order: bool, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, ...]:
+    """Packed weight (the kernel's layout) and its fp32 dequantized ``[K, N]`` reference."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group == -1 else k // group
+    q = torch.randint(0, 1 << bits, (k, n), generator=gen)
+    z = torch.randint(0, 1 << bits, (groups, n), generator=gen)
+    s = (torch.rand(groups, n, generator=gen) / 30 + 1e-3).to(dtype)
+    g = torch.arange(k) // (k if group == -1 else group)
+    if act_order:
+        g = g[torch.randperm(k, generator=gen)]
+    w = (q - z[g]).float() * s.float()[g]
+    packed, perm = canonicalize(q, g, bits, group, "test")
+    dev = "cuda"
+    return (
+        packed.to(dev),
+        z.to(torch.uint8).to(dev),
+        s.to(dev),
+        None if perm is None else perm.to(dev),
+        w.to(dev),
+    )
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 16, 37, 200])
+@pytest.mark.parametrize(
+    "k,n,bits,group,act_order",
+    [
+        (4096, 4096, 4, 128, False),
+        (5120, 1000, 4, 128, True),  # act-order, N not a multiple of the tile
+        (1280, 520, 4, 64, True),
+        (1024, 3000, 4, 32, False),
+        (136, 72, 4, -1, False),  # one group, K not a multiple of BLOCK_K
+        (2048, 512, 8, 128, True),
+        (192, 40, 4, 24, False),  # group size that no power-of-two block divides
+    ],
+)
+def test_kernel_matches_dequantize_then_matmul(m, k, n, bits, group, act_order, dtype) -> None:  # type: ignore[no-untyped-def]
+    packed, zeros, scales, perm, w = _random(k, n, bits, group, act_order, dtype, seed=m + k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    ref = x.float() @ w + bias.float()
+    out = int_weight_linear(x, packed, zeros, scales, perm, bits, group, bias)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 4, 8])
+def test_every_k_split_agrees(split_k: int) -> None:
+    packed, zeros, scales, perm, w = _random(4096, 768, 4, 128, True, torch.bfloat16, seed=1)
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = {**pick_config(2, 768, 4096, 128, x.device), "SPLIT_K": split_k}
+    out = int_weight_linear(x, packed, zeros, scales, perm, 4, 128, None, cfg)
+    assert _rel_err(out, x.float() @ w) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["gptq-llama-int4-g32-actorder", "gptq-qwen2-int4-asym-g-1", "gptq-llama-int8-g64",
+     "awq-qwen2-int4-g32"],
+)  # fmt: skip
+def test_checkpoint_layers_on_cuda_match_the_cpu_path(
+    name: str, tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    from pagedllm.config import EngineConfig
+    from pagedllm.models.loader import load_model
+    from tests.fixtures.quantized_models import materialize
+
+    path = materialize(name, tmp_path / name, tiny_tokenizer_dir)
+    cpu = load_model(EngineConfig(model=str(path), device="cpu", dtype="float32"))
+    gpu = load_model(EngineConfig(model=str(path), device="cuda", dtype="bfloat16"))
+    for attr in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        ref_layer = cpu.model.layers[0].get_submodule(attr)
+        layer = gpu.model.layers[0].get_submodule(attr)
+        x = torch.randn(5, ref_layer.input_size)
+        ref = ref_layer(x)
+        out = layer(x.to("cuda", torch.bfloat16))
+        assert _rel_err(out.cpu(), ref) < 1e-2, attr
+
+
+def test_llm_serves_a_gptq_checkpoint_on_cuda(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    from pagedllm import LLM, SamplingParams
+    from tests.fixtures.quantized_models import REF_PROMPTS, materialize
+
+    path = materialize("gptq-llama-int4-g32-actorder", tmp_path / "m", tiny_tokenizer_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in REF_PROMPTS]
+    graphs = LLM(str(path), device="cuda", gpu_memory_utilization=0.2)
+    with_graphs = [o.outputs[0].token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
+    del graphs
+    eager = LLM(str(path), device="cuda", gpu_memory_utilization=0.2, enforce_eager=True)
+    without = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert with_graphs == without and all(len(t) == 8 for t in without)
+
+
+def test_decode_bandwidth_report() -> None:
+    """Batch-1 time of Qwen2.5-14B-Instruct-GPTQ-Int4's layer shapes (group 128), printed."""
+    shapes = {
+        "qkv": (5120, 7168),
+        "o": (5120, 5120),
+        "gate_up": (5120, 27648),
+        "down": (13824, 5120),
+    }
+    for name, (k, n) in shapes.items():
+        packed, zeros, scales, perm, _ = _random(k, n, 4, 128, False, torch.bfloat16, seed=0)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            int_weight_linear(x, packed, zeros, scales, perm, 4, 128)
+        torch.cuda.synchronize()
+        iters = 50
+        start = time.perf_counter()
+        for _ in range(iters):
+            int_weight_linear(x, packed, zeros, scales, perm, 4, 128)
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - start) / iters
+        nbytes = packed.numel() * 4 + zeros.numel() + scales.numel() * 2
+        cfg = pick_config(1, n, k, 128, x.device)
+        print(f"{name} K={k} N={n}: {sec * 1e6:.1f} us, {nbytes / sec / 1e12:.2f} TB/s {cfg}")
+        assert sec > 0
