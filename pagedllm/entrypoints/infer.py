@@ -65,6 +65,11 @@ def _make_backend(args: argparse.Namespace) -> tuple[Any, Any]:
 
     kwargs = engine_kwargs_from_args(args)
     kwargs["model"] = args.model or args.model_flag
+    if args.backend == "openai" and kwargs["model"] is None and kwargs["tokenizer"] is None:
+        raise ValueError(
+            "--backend openai needs MODEL (or --tokenizer): prompts are tokenized here, with "
+            "the served model's tokenizer and chat template"
+        )
     config = EngineConfig(**kwargs)
     mc = config.model_config
     assert mc.model is not None and mc.tokenizer is not None

@@ -218,6 +218,9 @@ def test_unsupported_architecture_is_named(
     err = capsys.readouterr().err
     assert "is a FancyForCausalLM, which pagedllm does not implement" in err
     assert "LlamaForCausalLM" in err and "--trust-remote-code does not change this" in err
+    # serve says the same before it starts an engine process.
+    assert main(["serve", str(tmp_path), "--device", "cpu"]) == 1
+    assert "is a FancyForCausalLM, which pagedllm does not implement" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -238,3 +241,26 @@ def test_serve_flag_errors_come_before_loading(
 ) -> None:
     assert main(["serve", "--model", "/no/such/model", *argv]) == 1
     assert needle in capsys.readouterr().err
+
+
+def test_uvicorn_options_of_the_http_flags(tmp_path: Path) -> None:
+    from pagedllm.entrypoints.openai.cli_http import check_http_args, uvicorn_kwargs
+
+    key, cert, ca = (tmp_path / n for n in ("k.pem", "c.pem", "ca.pem"))
+    for f in (key, cert, ca):
+        f.write_text("x")
+    argv = ["serve", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
+    argv += ["--ssl-ca-certs", str(ca), "--ssl-cert-reqs", "2", "--uds", "/tmp/p.sock"]
+    argv += ["--disable-uvicorn-access-log", "--root-path", "/llm"]
+    args = _parse(argv)
+    check_http_args(args)  # type: ignore[arg-type]
+    assert uvicorn_kwargs(args) == {  # type: ignore[arg-type]
+        "access_log": False,
+        "uds": "/tmp/p.sock",
+        "root_path": "/llm",
+        "ssl_keyfile": str(key),
+        "ssl_certfile": str(cert),
+        "ssl_ca_certs": str(ca),
+        "ssl_cert_reqs": 2,
+    }
+    assert uvicorn_kwargs(_parse(["serve"])) == {"access_log": True}  # type: ignore[arg-type]

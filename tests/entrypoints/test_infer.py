@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pagedllm.config import DEMO_MODEL_DIR
 from pagedllm.entrypoints.cli import main
 from pagedllm.entrypoints.infer import compare, done_indices, read_rows
 
@@ -101,6 +102,8 @@ def test_flag_errors(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "needs --dataset IN.jsonl and --output OUT.jsonl" in capsys.readouterr().err
     argv = ["infer", "--dataset", str(dataset), "--output", out, "--backend", "openai"]
     assert main(argv) == 1
+    assert "--backend openai needs MODEL (or --tokenizer)" in capsys.readouterr().err
+    assert main([*argv, "--tokenizer", str(DEMO_MODEL_DIR)]) == 1
     assert "--backend openai needs --base-url" in capsys.readouterr().err
     assert (
         main(["infer", "--dataset", str(dataset), "--output", out, "--base-url", "http://x"]) == 1

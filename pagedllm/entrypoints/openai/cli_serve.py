@@ -16,6 +16,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -270,6 +271,8 @@ def serve(args: argparse.Namespace) -> int:
         args.served_model_name = [DEMO_MODEL_NAME]
     args.chat_template = _load_chat_template(args.chat_template)
     _setup_logging()
+    started = time.monotonic()
+    logger.info("Loading %s; the engine starts in its own process.", model or "the demo model")
 
     config = EngineConfig(**serve_engine_kwargs(args))  # downloads a hub id's snapshot
     check_architecture(config)
@@ -284,6 +287,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     apply_generation_config(engine, args)
+    where = f"unix:{args.uds}" if args.uds else f"{args.host}:{args.port}"
+    logger.info(
+        "Engine ready in %.1f s; serving %s on %s.",
+        time.monotonic() - started,
+        ", ".join(args.served_model_name or [str(model)]),
+        where,
+    )
 
     def exit_status() -> int:
         return 1 if engine.died_unexpectedly else 0

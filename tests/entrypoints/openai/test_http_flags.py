@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import re
 import ssl
 import time
 from collections.abc import Iterator
@@ -149,6 +150,9 @@ def test_hub_id_served_and_model_routes(tls: TLSServer) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert tls.client.get("/v1/models/tiny").status_code == 401
     assert tls.client.get("/ping").status_code == 200
+    log = tls.proc.log()  # start-up says what it loads at once, and when it is ready
+    assert "Loading org/tiny-llama; the engine starts in its own process." in log
+    assert re.search(r"Engine ready in [\d.]+ s; serving tiny, org/tiny-alias on ", log)
     info = tls.client.get("/tokenizer_info", headers=AUTH).json()
     assert info["model_max_length"] == 512 and info["vocab_size"] > 100
     assert info["eos_token"] in info["added_special_tokens"]
