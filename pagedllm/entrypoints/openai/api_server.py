@@ -135,11 +135,12 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start_monitoring()  # notice an engine death even with no traffic
-        stats_task = asyncio.create_task(log_stats_forever(engine, stats_interval))
-        if not log_stats:
-            stats_task.cancel()
+        stats_task = (
+            asyncio.create_task(log_stats_forever(engine, stats_interval)) if log_stats else None
+        )
         yield
-        stats_task.cancel()
+        if stats_task is not None:
+            stats_task.cancel()
         logger.info("Shutting down the engine.")
         engine.shutdown()
         state.pool.shutdown(wait=False, cancel_futures=True)

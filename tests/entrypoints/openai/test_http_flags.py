@@ -251,3 +251,44 @@ def test_root_path_and_disabled_docs(tiny_tokenizer: Any) -> None:
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert client.get(path).status_code == 404, path
     assert client.get("/v1/models").status_code == 200
+
+
+class _BusyEngine(_FakeEngine):
+    """A fake engine whose stats show work on every read (so each interval logs a line)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.is_running = True
+        self.reads = 0
+
+    async def start_monitoring(self) -> None:
+        pass
+
+    async def get_stats(self) -> Any:
+        self.reads += 1
+        return _stats(generation_tokens_total=10 * self.reads, num_running=1)
+
+    def shutdown(self) -> None:
+        self.is_running = False
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_disable_log_stats(
+    disabled: bool, tiny_tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    engine: Any = _BusyEngine(tiny_tokenizer)
+    args = argparse.Namespace(
+        served_model_name=["m"], log_stats_interval=0.05, disable_log_stats=disabled
+    )
+    caplog.set_level("INFO", logger="pagedllm.stats")
+    with TestClient(build_app(engine, args)):  # runs the lifespan
+        time.sleep(0.5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pagedllm.stats"]
+    if disabled:
+        assert not lines and engine.reads == 0
+    else:
+        assert len(lines) >= 3 and "running 1" in lines[-1]
