@@ -61,10 +61,14 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
     engine = state.engine
     serving = NativeServing(state)
     health_timeout = float(getattr(args, "engine_health_timeout", None) or 10.0)
-    mc = engine.config.model_config
-    model = getattr(args, "model", None) or getattr(args, "model_flag", None) or mc.model
-    model_path = _public_name(str(model))
-    tokenizer_path = _public_name(str(mc.tokenizer or model))
+
+    def model_paths() -> tuple[str, str]:
+        """(model, tokenizer) as the client may see them (read when asked: ``build_app``
+        may run on an engine that is not started yet)."""
+        mc = engine.config.model_config
+        model = getattr(args, "model", None) or getattr(args, "model_flag", None) or mc.model
+        tokenizer = getattr(mc, "tokenizer", None) or model
+        return _public_name(str(model)), _public_name(str(tokenizer))
 
     def require_engine() -> None:
         if not engine.is_running or engine.is_wedged(health_timeout):
@@ -78,6 +82,7 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
 
     @app.get("/get_model_info", responses=get_responses())
     async def get_model_info() -> ModelInfo:
+        model_path, tokenizer_path = model_paths()
         return ModelInfo(
             model_path=model_path,
             tokenizer_path=tokenizer_path,
@@ -89,7 +94,7 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
         cfg = engine.config
         return ServerInfo(
             version=pagedllm.__version__,
-            model_path=model_path,
+            model_path=model_paths()[0],
             served_model_names=state.served_model_names,
             max_model_len=state.max_model_len,
             max_num_seqs=cfg.scheduler_config.max_num_seqs,

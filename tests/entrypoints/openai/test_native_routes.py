@@ -267,3 +267,37 @@ def test_queue_timeout_waits_for_the_first_token_only(
     monkeypatch.setattr(state, "queue_timeout", 1e-6)
     err = _gen(client, body, status=503)["error"]
     assert err["code"] == "queue_timeout"
+
+
+class _UnstartedEngine:
+    """Only what ``build_app`` reads before any request."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        import argparse
+
+        self.tokenizer = tokenizer
+        self.config = argparse.Namespace(model_config=argparse.Namespace(model="/models/m"))
+        self.input_processor = argparse.Namespace(max_model_len=64)
+        self.is_running = False
+
+
+def test_registering_needs_no_started_engine(tiny_tokenizer: Any) -> None:
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from pagedllm.entrypoints.openai.api_server import build_app
+    from pagedllm.entrypoints.openai.native_routes import register_native_routes
+
+    args = argparse.Namespace(served_model_name=["m"])
+    app = build_app(_UnstartedEngine(tiny_tokenizer), args)  # type: ignore[arg-type]
+    register_native_routes(app, args)
+    count = len(app.routes)
+    register_native_routes(app, args)  # a second registration changes nothing
+    assert len(app.routes) == count
+    client = TestClient(app)
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/generate", "/get_model_info", "/health_generate", "/flush_cache"} <= set(paths)
+    assert client.get("/get_model_info").json()["model_path"] == "m"
+    r = client.post("/generate", json={"text": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
