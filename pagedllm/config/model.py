@@ -31,7 +31,7 @@ DEMO_MODEL_DIR = Path(__file__).parent.parent / "assets" / "demo-model"
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 # Weight quantization methods pagedllm serves (``quant_method`` of ``quantization_config``).
-QUANTIZATION_METHODS = ("gptq", "awq")
+QUANTIZATION_METHODS = ("gptq", "awq", "gguf")
 GPTQ_BITS = (4, 8)
 AWQ_BITS = (4,)
 
@@ -86,13 +86,16 @@ class ModelConfig:
         default=None,
         metadata={
             "help": "weight quantization method of the checkpoint; must agree with its "
-            "config.json quantization_config",
+            "config.json quantization_config (gguf: the model is a .gguf file, dequantized at "
+            "load)",
             "default_help": "detected from config.json's quantization_config",
             "choices": QUANTIZATION_METHODS,
         },
     )
     # Derived:
     arch: ArchitectureConfig = field(init=False, repr=False)
+    # The GGUF file the weights are read from when ``model`` is one (None otherwise).
+    gguf_file: str | None = field(init=False, default=None)
     # Set by EngineConfig (dtype "auto" depends on the device); None on a ModelConfig alone.
     torch_dtype: torch.dtype = field(init=False, default=None)  # type: ignore[assignment]
 
@@ -100,6 +103,18 @@ class ModelConfig:
         if self.model is None:
             self.model = str(DEMO_MODEL_DIR)
         path = Path(os.path.expanduser(self.model))
+        if path.is_file() and path.suffix == ".gguf":
+            # A GGUF file: its metadata as a Hugging Face directory (models/gguf.py); the
+            # weights are read from the file itself at load.
+            from pagedllm.models.gguf import gguf_model_dir
+
+            self.gguf_file = str(path)
+            self.model = str(path)
+            gguf_dir = gguf_model_dir(path)
+            if self.tokenizer is None:
+                self.tokenizer = str(gguf_dir)
+            self._finish(gguf_dir)
+            return
         if not path.is_dir():
             raise ValueError(
                 f"Model {self.model!r} is not a local directory. pagedllm loads Hugging Face "
@@ -108,6 +123,10 @@ class ModelConfig:
         self.model = str(path)
         if self.tokenizer is None:
             self.tokenizer = self.model
+        self._finish(path)
+
+    def _finish(self, path: Path) -> None:
+        """Read the architecture of model directory ``path``; check the remaining fields."""
         self.arch = ArchitectureConfig.from_dir(path)
         check_choice(self, "dtype")
         limit = self.arch.context_limit
@@ -119,6 +138,13 @@ class ModelConfig:
                 f"got {self.max_model_len}."
             )
         check_choice(self, "load_format")
+        if self.gguf_file is not None:
+            if self.quantization not in (None, "gguf"):
+                raise config_error(
+                    f"quantization={self.quantization!r}, but the model is a GGUF file."
+                )
+            self.quantization = "gguf"
+            return
         self.quantization = resolve_quantization(self.quantization, self.arch.raw)
 
 
@@ -134,6 +160,8 @@ def resolve_quantization(requested: str | None, raw: dict[str, Any]) -> str | No
         raise config_error(
             f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; got {requested!r}."
         )
+    if requested == "gguf":
+        raise config_error("quantization='gguf' needs a .gguf model file.")
     section = raw.get("quantization_config") or None
     if section is None:
         if requested is not None:

@@ -1,4 +1,4 @@
-"""Builds a model from an ``EngineConfig`` and fills its weights (safetensors or dummy).
+"""Builds a model from an ``EngineConfig`` and fills its weights (safetensors, GGUF or dummy).
 
 The loader knows checkpoint *names*, not layouts: it maps each Hugging Face tensor name to a
 model parameter (through the model's ``packed_modules`` for tensors that are parts of a fused
@@ -155,6 +155,10 @@ def load_model(config: EngineConfig) -> nn.Module:
         torch.set_default_dtype(default_dtype)
     if mc.load_format == "dummy":
         _dummy_init(model, mc.seed)
+    elif mc.gguf_file is not None:
+        from pagedllm.models.gguf import iter_gguf_weights
+
+        load_weights(model, iter_gguf_weights(Path(mc.gguf_file), mc.arch.raw))
     else:
         load_weights(model, iter_checkpoint(Path(mc.model)))
     process_weights_after_loading(model)

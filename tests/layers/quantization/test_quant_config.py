@@ -54,7 +54,7 @@ def test_plain_checkpoint(llama_dir: Path) -> None:
     assert ModelConfig(model=str(llama_dir)).quantization is None
     with pytest.raises(ValueError, match="quantization='gptq' needs a gptq checkpoint"):
         ModelConfig(model=str(llama_dir), quantization="gptq")
-    with pytest.raises(ValueError, match="quantization must be one of gptq, awq; got 'fp4'"):
+    with pytest.raises(ValueError, match="quantization must be one of gptq, awq, gguf; got 'fp4'"):
         ModelConfig(model=str(llama_dir), quantization="fp4")
 
 
