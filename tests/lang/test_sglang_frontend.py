@@ -18,7 +18,7 @@ TEMPLATE = "pagedllm-tiny"
 
 
 @pytest.fixture(scope="module")
-def sgl(lang_server: ThreadServer, local: lang.LocalBackend) -> Any:
+def sgl(local: lang.LocalBackend) -> Any:
     """SGLang's frontend, with the tiny model's chat template registered under ``TEMPLATE``
     (SGLang picks templates by model name and knows none for a test model)."""
     api = load_sglang_frontend()
