@@ -127,7 +127,8 @@ class ProgramState:
     def _add_text(self, text: str, var: str | None = None) -> None:
         with self._changed:
             self._text += text
-            self._events.append((var, text))
+            if self.stream:  # what text_iter replays
+                self._events.append((var, text))
             self._changed.notify_all()
 
     def _execute(self, expr: Expr) -> None:
@@ -281,7 +282,14 @@ class ProgramState:
 
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
         """The program's text as it is added (only ``var_name``'s generation if given), until
-        the program ends; then its error, if any, is raised."""
+        the program ends; then its error, if any, is raised. A program that was not run with
+        ``stream=True`` yields its whole text (or variable) at once."""
+        if not self.stream:
+            self.sync()
+            value = self._text if var_name is None else self._vars.get(var_name)
+            if value:
+                yield value
+            return
         seen = 0
         while True:
             with self._changed:

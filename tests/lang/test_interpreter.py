@@ -267,3 +267,9 @@ def test_reading_a_streamed_program_waits_for_its_end(local: lang.LocalBackend) 
     final = uses_its_own_answer.run(backend=local, temperature=0)
     assert state["a"] == final["a"] and state.text() == final.text()
     assert state.messages()[-1]["content"] == "You said: " + final["a"]
+
+
+def test_text_iter_of_a_finished_program(local: lang.LocalBackend) -> None:
+    state = chat.run(question=QUESTIONS[1], backend=local, temperature=0)
+    assert list(state.text_iter()) == [state.text()]
+    assert list(state.text_iter("answer")) == ([state["answer"]] if state["answer"] else [])
