@@ -251,13 +251,14 @@ def test_uvicorn_options_of_the_http_flags(tmp_path: Path) -> None:
         f.write_text("x")
     argv = ["serve", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
     argv += ["--ssl-ca-certs", str(ca), "--ssl-cert-reqs", "2", "--uds", "/tmp/p.sock"]
-    argv += ["--disable-uvicorn-access-log", "--root-path", "/llm"]
+    argv += ["--disable-uvicorn-access-log", "--root-path", "/llm", "--log-config-file", str(ca)]
     args = _parse(argv)
     check_http_args(args)  # type: ignore[arg-type]
     assert uvicorn_kwargs(args) == {  # type: ignore[arg-type]
         "access_log": False,
         "uds": "/tmp/p.sock",
         "root_path": "/llm",
+        "log_config": str(ca),
         "ssl_keyfile": str(key),
         "ssl_certfile": str(cert),
         "ssl_ca_certs": str(ca),

@@ -80,6 +80,11 @@ def add_http_args(parser: argparse.ArgumentParser) -> None:
     )
     lg = parser.add_argument_group("logging")
     lg.add_argument(
+        "--log-config-file",
+        default=None,
+        help="uvicorn's logging configuration file (JSON, YAML or INI, as logging.config takes)",
+    )
+    lg.add_argument(
         "--enable-log-requests",
         action="store_true",
         help="log one JSON line per finished request (the default; vLLM's spelling)",
@@ -120,6 +125,8 @@ def check_http_args(args: argparse.Namespace) -> None:
         raise ValueError("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs (to verify client certs)")
     if (args.ssl_ca_certs or args.ssl_cert_reqs) and args.ssl_certfile is None:
         raise ValueError("--ssl-ca-certs / --ssl-cert-reqs need --ssl-keyfile and --ssl-certfile")
+    if args.log_config_file is not None and not Path(args.log_config_file).is_file():
+        raise ValueError(f"--log-config-file {args.log_config_file}: no such file")
     if args.root_path is not None and not args.root_path.startswith("/"):
         raise ValueError("--root-path must start with '/'")
     if args.max_log_len is not None:
@@ -133,6 +140,8 @@ def uvicorn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["root_path"] = args.root_path
     if args.uds is not None:
         kwargs["uds"] = args.uds
+    if args.log_config_file is not None:
+        kwargs["log_config"] = args.log_config_file
     if args.ssl_certfile is not None:
         kwargs.update(
             ssl_keyfile=args.ssl_keyfile,
