@@ -128,6 +128,7 @@ def int_weight_linear(
     n = packed.shape[1]
     pf = 32 // bits
     assert packed.shape[0] * pf == k, (packed.shape, k)
+    assert packed.is_contiguous() and zeros.is_contiguous() and scales.is_contiguous()
     group = k if group_size == -1 else group_size
     cfg = dict(config or pick_config(m, n, k, group_size, x.device))
     split_k, block_k = cfg["SPLIT_K"], cfg["BLOCK_K"]

@@ -130,6 +130,16 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
         q = unpack_rows(layer.qweight, self.bits)
         return q, gptq_zeros(layer.qzeros, self.bits), layer.g_idx.long()
 
+    def packed_as_is(self, layer: nn.Module) -> torch.Tensor | None:
+        k = layer.g_idx.shape[0]
+        trivial = torch.arange(k, device=layer.g_idx.device) // (
+            k if self.group_size == -1 else self.group_size
+        )
+        return layer.qweight.data if torch.equal(layer.g_idx.long(), trivial) else None
+
+    def zero_points(self, layer: nn.Module) -> torch.Tensor:
+        return gptq_zeros(layer.qzeros, self.bits)
+
     def check_loaded(self, layer: nn.Module) -> None:
         groups = layer.scales.shape[0]
         g_idx = layer.g_idx

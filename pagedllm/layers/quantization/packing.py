@@ -46,12 +46,17 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`unpack_rows`: ``[K, N]`` values (< 2**bits) -> ``[K / pf, N]`` words."""
+    """Inverse of :func:`unpack_rows`: ``[K, N]`` values (< 2**bits) -> ``[K / pf, N]`` words.
+
+    Built in int32 one value position at a time (the top value's shift may set the sign bit,
+    which is the intended bit pattern), so the temporaries stay the size of the result.
+    """
     pf = pack_factor(bits)
-    v = values.to(torch.int64).reshape(values.shape[0] // pf, pf, values.shape[1])
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device).view(1, pf, 1)
-    words = (v << shifts).sum(dim=1)  # disjoint bit fields: the sum is their OR
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    v = values.reshape(values.shape[0] // pf, pf, values.shape[1])
+    words = torch.zeros(v.shape[0], v.shape[2], dtype=torch.int32, device=values.device)
+    for i in range(pf):
+        words |= v[:, i].to(torch.int32) << (bits * i)
+    return words
 
 
 def unpack_cols(

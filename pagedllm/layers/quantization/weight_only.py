@@ -101,6 +101,15 @@ class WeightOnlyLinearMethod(LinearMethodBase):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loaded layer as ``(q [K, N], zeros [G, N], group of each row [K])`` integers."""
 
+    def packed_as_is(self, layer: nn.Module) -> torch.Tensor | None:
+        """The checkpoint's words when they already are ``w_packed`` (no act-order
+        permutation needed), else None; saves unpacking and repacking the weight."""
+        return None
+
+    def zero_points(self, layer: nn.Module) -> torch.Tensor:
+        """The ``[G, N]`` zero points (used with :meth:`packed_as_is`)."""
+        return self.checkpoint_values(layer)[1]
+
     def check_loaded(self, layer: nn.Module) -> None:  # noqa: B027
         """Format checks after loading (before canonicalizing); none by default."""
 
@@ -109,8 +118,12 @@ class WeightOnlyLinearMethod(LinearMethodBase):
         if hasattr(layer, "w_packed"):
             return
         self.check_loaded(layer)
-        q, zeros, groups = self.checkpoint_values(layer)
-        packed, perm = canonicalize(q, groups, self.bits, self.group_size, self._name(layer))
+        as_is = self.packed_as_is(layer)
+        if as_is is not None:
+            packed, perm, zeros = as_is, None, self.zero_points(layer)
+        else:
+            q, zeros, groups = self.checkpoint_values(layer)
+            packed, perm = canonicalize(q, groups, self.bits, self.group_size, self._name(layer))
         for name in CHECKPOINT_TENSORS:
             if name in layer._parameters:
                 delattr(layer, name)

@@ -167,11 +167,17 @@ def test_fused_parts_line_up_with_the_packing(
     _load(down, tensors)
     with pytest.raises(RuntimeError, match="down: process_weights_after_loading has not run"):
         down(x)
+    words = down.qweight.data_ptr()
     process_weights_after_loading(down)
+    # GPTQ without act-order already has the layout: its words are kept, not copied.
+    assert (down.w_packed.data_ptr() == words) == (kind == "gptq" and not act_order)
     # The checkpoint's tensors gave way to the one layout: the weights are held once.
     assert {n for n, _ in down.named_parameters()} == {"scales"}
     assert down.w_packed.shape == (k * bits // 32, 64) and down.w_zeros.dtype == torch.uint8
     assert (down.w_perm is not None) == act_order
+    for layer in (qkv, gate_up, down):  # the GPU kernel indexes them as dense row-major
+        assert layer.w_packed.is_contiguous() and layer.w_zeros.is_contiguous()
+        assert layer.scales.is_contiguous()
     torch.testing.assert_close(
         down(x), x @ _dense(kind, tensors, bits, group).T, rtol=1e-5, atol=1e-5
     )
