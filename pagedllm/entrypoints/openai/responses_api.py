@@ -13,8 +13,11 @@ events and ``response.completed``; ``response.incomplete`` when ``max_output_tok
 Supported: ``input`` as text or a list of messages (text content or ``input_text`` /
 ``output_text`` parts), ``instructions``, ``max_output_tokens``, ``temperature``, ``top_p``,
 ``text.format`` (``text`` or ``json_schema``, the latter enforced as structured output),
-``stream``, and bookkeeping fields. Tools, ``previous_response_id`` (nothing is stored),
-``reasoning`` and the other fields are answered 400 naming the field.
+``stream``, function ``tools`` with ``tool_choice`` and ``parallel_tool_calls`` (not streamed
+yet; calls come back as ``function_call`` output items, and ``function_call`` /
+``function_call_output`` input items carry a tool round trip), and bookkeeping fields.
+``previous_response_id`` (nothing is stored), ``reasoning`` and the other fields are answered
+400 naming the field.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -31,6 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pagedllm.entrypoints.openai.errors import bad_request
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest
+from pagedllm.entrypoints.openai.responses_stream import (
+    response_object,
+    stream_events,
+    usage_object,
+)
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 
 _BOOKKEEPING = {
@@ -42,9 +49,6 @@ _BOOKKEEPING = {
     "prompt_cache_key",
 }
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
     "previous_response_id": (None,),
     "reasoning": (None,),
     "include": (None, []),
@@ -70,12 +74,50 @@ class InputMessage(BaseModel):
     status: str | None = None
 
 
+class FunctionCallItem(BaseModel):
+    """An earlier call of the model's, given back in ``input``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(BaseModel):
+    """A tool's result for ``call_id``, given in ``input``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem
+
+
 class ResponsesRequest(BaseModel):
     """The fields of a Responses request that pagedllm reads (others are checked by name)."""
 
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     model: str | None = None
-    input: str | list[InputMessage]
+    input: str | list[InputItem]
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -95,6 +137,53 @@ def _check_fields(req: ResponsesRequest) -> None:
 
 def _text(content: str | list[ContentPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def _chat_messages(items: list[InputItem]) -> list[dict[str, Any]]:
+    """Input items as chat messages: consecutive function calls form one assistant message
+    with ``tool_calls``; a call's output is a ``tool`` message."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, InputMessage):
+            out.append({"role": item.role, "content": _text(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        else:
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+    return out
+
+
+def _chat_tools(req: ResponsesRequest) -> dict[str, Any]:
+    """``tools`` / ``tool_choice`` / ``parallel_tool_calls`` in chat completions' shape."""
+    body: dict[str, Any] = {}
+    if req.tools:
+        if req.stream:
+            raise bad_request("tools are not supported with stream=true yet.", "tools")
+        body["tools"] = [
+            {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+            for t in req.tools
+        ]
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad_request("tool_choice must name a function tool.", "tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None and (req.tools or choice == "none"):
+        body["tool_choice"] = choice
+    elif choice not in (None, "auto"):
+        raise bad_request("tool_choice needs tools.", "tool_choice")
+    if req.parallel_tool_calls is not None and req.tools:
+        body["parallel_tool_calls"] = req.parallel_tool_calls
+    return body
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -118,10 +207,11 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
     else:
-        messages += [{"role": m.role, "content": _text(m.content)} for m in req.input]
+        messages += _chat_messages(req.input)
     if not messages:
         raise bad_request("input must hold at least one message.", "input")
     body: dict[str, Any] = {"model": req.model, "messages": messages, "stream": req.stream}
+    body.update(_chat_tools(req))
     for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature")):
         if getattr(req, src) is not None:
             body[dst] = getattr(req, src)
@@ -138,44 +228,6 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         err = e.errors()[0]
         where = ".".join(map(str, err["loc"]))
         raise bad_request(f"{where}: {err['msg']}", "input") from None
-
-
-def _response(rid: str, model: str, created: int, text: str, status: str, usage: Any) -> dict:
-    done = status != "in_progress"
-    message = {
-        "type": "message",
-        "id": "msg_" + rid[5:],
-        "status": "completed" if done else "in_progress",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}] if done else [],
-    }
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": created,
-        "status": status,
-        "model": model,
-        "output": [message] if done else [],
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "error": None,
-        "usage": usage,
-        "parallel_tool_calls": False,
-        "tool_choice": "none",
-        "tools": [],
-    }
-
-
-def _usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not chat_usage:
-        return None
-    cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return {
-        "input_tokens": chat_usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": cached or 0},
-        "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": chat_usage["prompt_tokens"] + chat_usage["completion_tokens"],
-    }
 
 
 class ResponseObject(BaseModel):
@@ -209,96 +261,9 @@ def install_responses_route(app: FastAPI, chat: ChatServing, require_engine: Any
             choice = data["choices"][0]
             status = "incomplete" if choice["finish_reason"] == "length" else "completed"
             text = choice["message"]["content"] or ""
-            obj = _response(rid, data["model"], created, text, status, _usage(data.get("usage")))
+            usage = usage_object(data.get("usage"))
+            calls = choice["message"].get("tool_calls")
+            obj = response_object(rid, data["model"], created, text, status, usage, calls)
             return Response(json.dumps(obj), media_type="application/json")
-        events = _stream_events(answer.body_iterator, rid, created)
+        events = stream_events(answer.body_iterator, rid, created)
         return StreamingResponse(events, media_type="text/event-stream")
-
-
-async def _stream_events(chunks: AsyncIterator[Any], rid: str, created: int) -> AsyncIterator[str]:
-    seq = 0
-
-    def event(kind: str, **fields: Any) -> str:
-        nonlocal seq
-        seq += 1
-        data = json.dumps({"type": kind, "sequence_number": seq - 1, **fields})
-        return f"event: {kind}\ndata: {data}\n\n"
-
-    model, text, finish, usage = "", [], None, None
-    msg_id = "msg_" + rid[5:]
-    started = False
-    try:
-        async for raw_chunk in chunks:
-            piece = raw_chunk.decode() if isinstance(raw_chunk, bytes) else str(raw_chunk)
-            for line in piece.splitlines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    yield event(
-                        "error",
-                        code=chunk["error"].get("code"),
-                        message=chunk["error"]["message"],
-                        param=chunk["error"].get("param"),
-                    )
-                    return
-                model = chunk.get("model", model)
-                if not started:
-                    started = True
-                    head = _response(rid, model, created, "", "in_progress", None)
-                    yield event("response.created", response=head)
-                    yield event("response.in_progress", response=head)
-                    item = {
-                        "type": "message",
-                        "id": msg_id,
-                        "status": "in_progress",
-                        "role": "assistant",
-                        "content": [],
-                    }
-                    yield event("response.output_item.added", output_index=0, item=item)
-                    part = {"type": "output_text", "text": "", "annotations": []}
-                    yield event(
-                        "response.content_part.added",
-                        item_id=msg_id,
-                        output_index=0,
-                        content_index=0,
-                        part=part,
-                    )
-                if chunk.get("usage"):
-                    usage = _usage(chunk["usage"])
-                for choice in chunk.get("choices", []):
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
-                        text.append(delta)
-                        yield event(
-                            "response.output_text.delta",
-                            item_id=msg_id,
-                            output_index=0,
-                            content_index=0,
-                            delta=delta,
-                            logprobs=[],
-                        )
-                    finish = choice.get("finish_reason") or finish
-    finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()  # a client gone mid-stream: the chat stream aborts the request
-    full = "".join(text)
-    yield event(
-        "response.output_text.done",
-        item_id=msg_id,
-        output_index=0,
-        content_index=0,
-        text=full,
-        logprobs=[],
-    )
-    part = {"type": "output_text", "text": full, "annotations": []}
-    yield event(
-        "response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=part
-    )
-    status = "incomplete" if finish == "length" else "completed"
-    final = _response(rid, model, created, full, status, usage)
-    yield event("response.output_item.done", output_index=0, item=final["output"][0])
-    yield event(
-        "response.incomplete" if status == "incomplete" else "response.completed", response=final
-    )

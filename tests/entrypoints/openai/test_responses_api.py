@@ -108,10 +108,55 @@ def test_json_schema_format(client: openai.OpenAI) -> None:
     assert json.loads(r.output_text) in ("yes", "no")
 
 
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def test_function_tools_round_trip(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model=MODEL_NAME,
+        input="Weather in Oslo?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=60,
+    )
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    args = json.loads(calls[0].arguments)  # forced calls follow the schema (a grammar)
+    assert set(args) == {"city"} and isinstance(args["city"], str)
+    follow = client.responses.create(
+        model=MODEL_NAME,
+        input=[
+            {"role": "user", "content": "Weather in Oslo?"},
+            {
+                "type": "function_call",
+                "call_id": calls[0].call_id,
+                "name": "get_weather",
+                "arguments": calls[0].arguments,
+            },
+            {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"},
+        ],
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="none",
+        max_output_tokens=5,
+        temperature=0.0,
+    )
+    assert follow.output[0].type == "message" and follow.usage.input_tokens > 0  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "extra,field",
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [WEATHER], "stream": True}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format"),
