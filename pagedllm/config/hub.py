@@ -42,7 +42,8 @@ def is_offline() -> bool:
     ``TRANSFORMERS_OFFLINE``, as huggingface_hub itself reads them)."""
     from huggingface_hub import constants
 
-    return bool(constants.is_offline_mode())
+    check = getattr(constants, "is_offline_mode", None)  # newer huggingface_hub
+    return bool(check() if check is not None else constants.HF_HUB_OFFLINE)
 
 
 def resolve_source(
