@@ -61,6 +61,22 @@ def test_regex_walk_produces_a_match(backend: Any, tiny_tokenizer: Any) -> None:
     assert re.fullmatch("[ab]{2}-[0-9]{3}", tiny_tokenizer.decode(text_tokens))
 
 
+def test_matchers_of_one_grammar_are_independent(backend: Any, tiny_tokenizer: Any) -> None:
+    """Every request's matcher is a copy of the compiled grammar's start state: advancing
+    one moves neither the others nor the cached grammar."""
+    grammar = backend.compile(StructuredOutputsParams(choice=["ab", "cd"]))
+    first, second = backend.matcher(grammar), backend.matcher(grammar)
+    vocab = backend.vocab_size
+    start = np.zeros((1, bitmask_width(vocab)), dtype=np.int32)
+    second.fill_bitmask(start, 0)
+    assert first.accept(tiny_tokenizer.encode("ab", add_special_tokens=False))
+    assert first.is_finished
+    for m in (second, backend.matcher(grammar)):
+        again = np.zeros_like(start)
+        m.fill_bitmask(again, 0)
+        assert not m.is_finished and np.array_equal(again, start)
+
+
 def test_refused_token(backend: Any, tiny_tokenizer: Any) -> None:
     m = backend.matcher(backend.compile(StructuredOutputsParams(choice=["yes"])))
     bad = tiny_tokenizer.encode("zzz", add_special_tokens=False)[0]
