@@ -10,7 +10,8 @@ Three workloads, with data made here (seeded, no downloads), each a ``run_batch`
 Each runs on the in-process engine (``LocalBackend``) and over HTTP (``Endpoint``: a server
 given by ``--url``, or one started in this process on the same engine flags), reporting
 programs/s and the prefix-cache hit rate (prompt tokens found cached / looked up) over the run.
-Backends run one after the other, so only one engine holds the device at a time.
+Backends run one after the other, so only one engine holds the device at a time. Importing
+this module (to register the command) loads neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pagedllm.bench import report
 from pagedllm.bench.presets import PRESETS, bench_engine_kwargs
 from pagedllm.config.cli_args import add_engine_args
 from pagedllm.lang import Backend, Endpoint, LocalBackend, function, gen, select
@@ -262,6 +262,8 @@ def _run_http(kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 
 
 def _markdown(rep: dict[str, Any]) -> str:
+    from pagedllm.bench import report
+
     rows = [
         [
             w,
@@ -291,6 +293,8 @@ def _markdown(rep: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run ``pagedllm bench lang`` with parsed CLI ``args``."""
     import torch
+
+    from pagedllm.bench import report
 
     args.workloads = [w for w in args.workloads.split(",") if w]
     for w in args.workloads:

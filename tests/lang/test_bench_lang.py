@@ -39,3 +39,15 @@ def test_bench_lang_reports_both_backends(llama_dir: Path, tmp_path: Path) -> No
     # In process, a fork's branches are in the engine together.
     assert rep["results"]["local"]["tree_of_thought"]["peak_requests_in_flight"] >= 2
     assert (tmp_path / "lang.md").exists()
+
+
+def test_registering_the_command_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import pagedllm.bench.lang; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
