@@ -33,6 +33,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # Weight quantization methods pagedllm serves (``quant_method`` of ``quantization_config``).
 QUANTIZATION_METHODS = ("gptq", "awq", "gguf")
 GPTQ_BITS = (4, 8)
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_BITS = (4,)
 
 
@@ -210,6 +211,17 @@ def _check_gptq(section: dict[str, Any]) -> None:
         raise _unsupported("gptq", "lm_head", True, "an unquantized lm_head")
     if section.get("dynamic"):
         raise _unsupported("gptq", "dynamic", "per-module overrides", "one setting for all")
+    blocks = section.get("modules_in_block_to_quantize")
+    if blocks:
+        listed = {name.rsplit(".", 1)[-1] for group in blocks for name in group}
+        left_dense = sorted(set(_PROJECTIONS) - listed)
+        if left_dense:
+            raise _unsupported(
+                "gptq",
+                "modules_in_block_to_quantize",
+                f"without {', '.join(left_dense)}",
+                "every attention and MLP projection quantized",
+            )
 
 
 def _check_awq(section: dict[str, Any]) -> None:

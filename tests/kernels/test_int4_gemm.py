@@ -112,10 +112,10 @@ def test_llm_serves_a_gptq_checkpoint_on_cuda(tmp_path: Path, tiny_tokenizer_dir
     path = materialize("gptq-llama-int4-g32-actorder", tmp_path / "m", tiny_tokenizer_dir)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in REF_PROMPTS]
-    graphs = LLM(str(path), device="cuda", gpu_memory_utilization=0.2)
+    # A fixed small pool: several engines share the GPU (as in tests/engine/test_gpu_e2e.py).
+    graphs = LLM(str(path), device="cuda", num_gpu_blocks=256)
     with_graphs = [o.outputs[0].token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
-    del graphs
-    eager = LLM(str(path), device="cuda", gpu_memory_utilization=0.2, enforce_eager=True)
+    eager = LLM(str(path), device="cuda", num_gpu_blocks=256, enforce_eager=True)
     without = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     assert with_graphs == without and all(len(t) == 8 for t in without)
 

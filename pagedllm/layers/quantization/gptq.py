@@ -81,6 +81,13 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
         **extra_weight_attrs: Any,
     ) -> None:
         k, n, pf = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
+        if self.config.desc_act and k != input_size:
+            # TODO(tp): act-order groups span the whole input; a row-parallel shard needs the
+            # full scales / zeros and its slice of g_idx (as global group numbers).
+            raise NotImplementedError(
+                f"{self._name(layer)}: act-order GPTQ with the input dimension sharded across "
+                "tensor-parallel ranks is not implemented"
+            )
         check_divisible(k, pf, f"{self._name(layer)} input size", f"{pf} values per word")
         self.check_output_packing(layer, output_partition_sizes)
         groups = self.num_groups(k, layer)

@@ -50,6 +50,17 @@ def test_detected_from_the_checkpoint_and_accepted_when_named(
         ModelConfig(model=path, quantization=other)
 
 
+def test_qwen_style_module_lists_are_accepted(tmp_path: Path) -> None:
+    blocks = [
+        ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.up_proj", "mlp.gate_proj"],
+        ["mlp.down_proj"],
+    ]
+    path = _model_dir(tmp_path, "gptq-llama-int8-g64", modules_in_block_to_quantize=blocks)
+    assert ModelConfig(model=str(path)).quantization == "gptq"
+
+
 def test_plain_checkpoint(llama_dir: Path) -> None:
     assert ModelConfig(model=str(llama_dir)).quantization is None
     with pytest.raises(ValueError, match="quantization='gptq' needs a gptq checkpoint"):
@@ -72,6 +83,12 @@ def test_plain_checkpoint(llama_dir: Path) -> None:
         ("gptq-llama-int8-g64", {"pack_dtype": "int16"}, r"pack_dtype='int16' .*int32"),
         ("gptq-llama-int8-g64", {"lm_head": True}, r"lm_head=True .*unquantized lm_head"),
         ("gptq-llama-int8-g64", {"dynamic": {"-:.*mlp.*": {}}}, r"dynamic="),
+        (
+            "gptq-llama-int8-g64",
+            {"modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj"]]},
+            r"modules_in_block_to_quantize='without down_proj, gate_proj, o_proj, up_proj, "
+            r"v_proj'",
+        ),
         ("awq-qwen2-int4-g32", {"bits": 8}, r"awq checkpoint with bits=8 .*supported: 4\)"),
         ("awq-qwen2-int4-g32", {"version": "gemv"}, r"version='gemv' .*'gemm'"),
         ("awq-qwen2-int4-g32", {"zero_point": False}, r"zero_point=False"),
