@@ -52,7 +52,7 @@ class AWQConfig(QuantizationConfig):
 
 
 class AWQLinearMethod(WeightOnlyLinearMethod):
-    """Registers the three AWQ tensors; computes with their dequantized weight."""
+    """Registers the three AWQ tensors; reads them into the shared layout (weight_only.py)."""
 
     method_name = "AWQ"
 

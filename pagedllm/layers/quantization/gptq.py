@@ -62,7 +62,7 @@ class GPTQConfig(QuantizationConfig):
 
 
 class GPTQLinearMethod(WeightOnlyLinearMethod):
-    """Registers the four GPTQ tensors; computes with their dequantized weight."""
+    """Registers the four GPTQ tensors; reads them into the shared layout (weight_only.py)."""
 
     method_name = "GPTQ"
 

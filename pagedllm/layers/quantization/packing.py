@@ -16,7 +16,8 @@ bits. They differ in which dimension is packed and in what order the values sit 
 
 The dequantized weight is ``W[k, n] = scales[g(k), n] * (q[k, n] - zeros[g(k), n])``, with
 ``g(k) = g_idx[k]`` for GPTQ (act-order checkpoints permute the groups) and ``k // group``
-for AWQ. These functions are the CPU path and the reference the GPU kernels are tested against.
+for AWQ. The methods read both formats with these functions into one layout after loading
+(``weight_only.py``), which the CPU path and the GPU kernel share.
 """
 
 from __future__ import annotations
@@ -88,36 +89,3 @@ def gptq_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     words = (qzeros.to(torch.int64) + offset) & 0xFFFFFFFF
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return unpack_cols(words, bits)
-
-
-def dequantize_gptq(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The ``[K, N]`` weight (``y = x @ W``) of a GPTQ layer, in ``dtype`` (scales' default)."""
-    dtype = dtype or scales.dtype
-    q = unpack_rows(qweight, bits)
-    zeros = gptq_zeros(qzeros, bits)
-    g = g_idx.long()
-    return (q - zeros[g]).to(dtype) * scales[g].to(dtype)
-
-
-def dequantize_awq(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    bits: int = 4,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The ``[K, N]`` weight (``y = x @ W``) of an AWQ GEMM layer (``group_size`` -1: one group)."""
-    dtype = dtype or scales.dtype
-    q = unpack_cols(qweight, bits, AWQ_ORDER)
-    zeros = unpack_cols(qzeros, bits, AWQ_ORDER)
-    k = q.shape[0]
-    g = torch.arange(k, device=q.device) // (k if group_size == -1 else group_size)
-    return (q - zeros[g]).to(dtype) * scales[g].to(dtype)
