@@ -130,6 +130,8 @@ def int_weight_linear(
     assert packed.shape[0] * pf == k, (packed.shape, k)
     assert packed.is_contiguous() and zeros.is_contiguous() and scales.is_contiguous()
     group = k if group_size == -1 else group_size
+    if m == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
     cfg = dict(config or pick_config(m, n, k, group_size, x.device))
     split_k, block_k = cfg["SPLIT_K"], cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
