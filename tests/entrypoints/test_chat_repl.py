@@ -72,6 +72,8 @@ def test_repl_through_a_pty(llama_dir: Path) -> None:
     flags = ["--temperature", "0", "--max-tokens", "6", "--device", "cpu", "--max-model-len", "256"]
     chat = _Pty(str(llama_dir), *flags)
     try:
+        # Each line is sent once the prompt shows (readline is then reading the terminal:
+        # a Ctrl-D typed before that could be eaten by the switch out of canonical mode).
         chat.expect("Chatting with ")
         chat.expect(">>> ")
         chat.send("hello there\n")
@@ -80,19 +82,25 @@ def test_repl_through_a_pty(llama_dir: Path) -> None:
         chat.expect(">>> ")
         chat.send("/system You are terse.\n")
         chat.expect("(system prompt set)")
+        chat.expect(">>> ")
         chat.send('"""\n')
         chat.expect("... ")
         chat.send("line one\n")
+        chat.expect("... ")
         chat.send('"""\n')
         chat.expect("tok/s]")
+        chat.expect(">>> ")
         chat.send("/clear\n")
         chat.expect("(conversation cleared)")
+        chat.expect(">>> ")
         chat.send("/bogus\n")
         chat.expect("(unknown command /bogus)")
+        chat.expect(">>> ")
         chat.send("hello there\n")  # after /clear (system prompt kept): a fresh conversation
         chat.expect("tok/s]")
+        chat.expect(">>> ")
         chat.send("\x04")  # Ctrl-D: leave
-        assert chat.proc.wait(30) == 0
+        assert chat.proc.wait(60) == 0
     finally:
         chat.close()
 
