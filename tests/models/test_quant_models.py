@@ -12,7 +12,11 @@ Two references, both in fp32 on CPU:
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +170,32 @@ def test_matches_spec_dequantized_dense_transformers(
     tokens, logprobs = _greedy_and_logprobs(quant_dir(name))
     assert tokens == hf_greedy(dense, REF_PROMPTS, REF_NEW_TOKENS)
     _assert_logprobs_close(logprobs, hf_logprobs(dense, REF_SEQUENCE)[:-1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recorded_reference_is_what_transformers_computes(
+    quant_dir: Any, name: str, tmp_path: Path
+) -> None:
+    """The recorded outputs are reproducible (only where gptqmodel + optimum are installed:
+    ``pip install --no-deps gptqmodel optimum`` plus the packages the fixture module names).
+    In a subprocess: importing gptqmodel patches transformers and the environment."""
+    if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+        pytest.skip("gptqmodel / optimum are not installed")
+    out = tmp_path / "live.safetensors"
+    code = (
+        "import sys; from pathlib import Path; from safetensors.torch import save_file; "
+        "from tests.fixtures.quantized_models import transformers_reference; "
+        "save_file(transformers_reference(Path(sys.argv[1])), sys.argv[2])"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [sys.executable, "-c", code, str(quant_dir(name)), str(out)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "GPTQMODEL_CPU_WORKERS": "2"},
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    live, recorded = load_file(str(out)), load_reference(name)
+    assert torch.equal(live["greedy"], recorded["greedy"])
+    torch.testing.assert_close(live["logprobs"], recorded["logprobs"], atol=1e-4, rtol=0)
