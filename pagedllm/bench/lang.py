@@ -10,7 +10,9 @@ Three workloads, with data made here (seeded, no downloads), each a ``run_batch`
 Each runs on the in-process engine (``LocalBackend``) and over HTTP (``Endpoint``: a server
 given by ``--url``, or one started in this process on the same engine flags), reporting
 programs/s and the prefix-cache hit rate (prompt tokens found cached / looked up) over the run.
-Backends run one after the other, so only one engine holds the device at a time. Importing
+Backends run one after the other, so only one engine holds the device at a time. The server
+started here shares this process (and its GIL) with the client threads; ``--url`` of a
+``pagedllm serve`` of its own measures HTTP without that. Importing
 this module (to register the command) loads neither torch nor transformers.
 """
 
