@@ -57,20 +57,13 @@ def resolve_source(
     """The local directory of model / tokenizer ``name``: the directory itself, or the hub
     snapshot of repository ``name`` at ``revision`` (downloaded when missing)."""
     path = Path(os.path.expanduser(name))
-    if path.is_dir():
+    if path.exists():  # a directory, or a file (a .gguf model): ModelConfig reads it
         if revision is not None:
             raise config_error(
                 f"{revision_flag}={revision!r} applies to Hugging Face hub ids, but the {what} "
-                f"{name!r} is a local directory; drop {revision_flag} or pass the hub id."
+                f"{name!r} is on the local disk; drop {revision_flag} or pass the hub id."
             )
-        return str(path)
-    if path.exists():
-        raise config_error(
-            f"The {what} {name!r} is a file; pagedllm loads Hugging Face model directories "
-            "(config.json, *.safetensors, tokenizer files) or hub ids such as "
-            "'Qwen/Qwen2.5-0.5B-Instruct' (single-file checkpoints such as GGUF are not "
-            "supported)."
-        )
+        return str(path) if path.is_dir() else name
     if not looks_like_repo_id(name):
         raise config_error(
             f"The {what} {name!r} is not a local directory and not a Hugging Face hub id "

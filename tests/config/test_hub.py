@@ -113,10 +113,12 @@ def test_revisions_of_local_directories_are_errors(
 
 
 def test_names_that_are_neither(tmp_path: Path) -> None:
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
-    with pytest.raises(ValueError, match="is a file; .*GGUF are not supported"):
-        EngineConfig(model=str(gguf))
+    other = tmp_path / "model.bin"  # a file is ModelConfig's to judge (a .gguf is a model)
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is not a local directory"):
+        EngineConfig(model=str(other))
+    with pytest.raises(ValueError, match="revision='main' applies to Hugging Face hub ids"):
+        EngineConfig(model=str(other), revision="main")
     with pytest.raises(ValueError, match="not a local directory and not a Hugging Face hub id"):
         EngineConfig(model="no such/dir here")
     with pytest.raises(ValueError, match="revision needs a hub model id"):
