@@ -97,6 +97,7 @@ class EngineCore:
                 msg.params,
                 arrival_time=msg.arrival_time,
                 priority=msg.priority,
+                wait_for_grammar=False,  # a compiling grammar never holds up the others' steps
             )
         except Exception as e:  # this request only; the engine keeps serving the others
             # Any ValueError (JSONDecodeError, ...) is the request's fault: the API process
@@ -111,8 +112,21 @@ class EngineCore:
         self.engine.abort_request(request_ids)
 
     # ---- one step --------------------------------------------------------------------------
-    def step(self) -> EngineOutputs:
+    def step(self) -> EngineOutputs | None:
+        """One engine step's outputs; None when nothing is queued yet (only requests waiting
+        for their grammar) and nothing came out."""
+        queued = self.engine.has_queued_work()
         outputs = self.engine.step()
+        for rid, e in self.engine.take_request_errors():  # a grammar that did not compile
+            self._live.pop(rid, None)
+            self.send(RequestError(rid, "ValueError", str(e)))
+        for rid, seqs in self._live.items():
+            if not seqs:  # queued once its grammar compiled
+                state = self.engine.output_processor.states.get(rid)
+                if state is not None:
+                    self._live[rid] = [s.seq for s in state.seqs]
+        if not outputs and not queued:
+            return None
         self.num_steps += 1
         for out in outputs:
             out.prompt = None  # the API process restores both
@@ -194,12 +208,16 @@ class EngineCore:
         """Run until ``Shutdown`` arrives or the parent process is gone."""
         while os.getppid() == parent_pid:
             busy = self.engine.has_unfinished_requests()
-            if inp.sock.poll(0 if busy else self._ms_to_heartbeat(), zmq.POLLIN):
+            # Only grammars compiling: check on them every millisecond, not in a busy loop.
+            wait_ms = (0 if self.engine.has_queued_work() else 1) if busy else None
+            if inp.sock.poll(self._ms_to_heartbeat() if wait_ms is None else wait_ms, zmq.POLLIN):
                 for msg in inp.messages():
                     if not self.handle(msg):
                         return
             if self.engine.has_unfinished_requests():
-                self.send(self.step())
+                outputs = self.step()
+                if outputs is not None:
+                    self.send(outputs)
             else:
                 self.idle_report()
         logger.warning("Parent process %d is gone; the engine process exits.", parent_pid)

@@ -7,25 +7,41 @@ stop strings, logprobs) -> ``RequestOutput``s. A request of n completions is n `
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import time
 from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceStatus
-from pagedllm.engine.input_processing import InputProcessor
+from pagedllm.engine.input_processing import InputProcessor, ProcessedInput
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.backend import CompiledGrammar
 from pagedllm.structured_output.manager import StructuredOutputManager
 from pagedllm.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _AwaitingGrammar:
+    """A request set aside while its structured-output constraint compiles."""
+
+    future: concurrent.futures.Future[CompiledGrammar]
+    deadline: float  # time.monotonic() after which it fails
+    prompt: str | SequenceOf[int]
+    params: SamplingParams
+    inp: ProcessedInput
+    arrival: float
+    priority: int
 
 
 class LLMEngine:
@@ -50,6 +66,8 @@ class LLMEngine:
         self._pending_finished: list[Sequence] = []
         self._next_id = 0
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None  # async scheduling
+        self._awaiting_grammar: dict[str, _AwaitingGrammar] = {}  # request id -> its wait
+        self._request_errors: list[tuple[str, ValueError]] = []
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults applied."""
@@ -67,18 +85,49 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        wait_for_grammar: bool = True,
     ) -> str:
-        """Validate and queue one request (n sequences). Nothing is queued if it raises."""
+        """Validate and queue one request (n sequences). Nothing is queued if it raises.
+
+        A structured-output constraint that is not compiled yet is compiled here, unless
+        ``wait_for_grammar`` is False (the serving engine loop): then the request waits aside
+        while its grammar compiles on the compile threads, the steps of everyone else go on,
+        and a constraint that fails (or runs out of time) comes back from
+        ``take_request_errors`` instead of being raised.
+        """
         request_id = request_id if request_id is not None else self.new_request_id()
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._awaiting_grammar:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         params = copy.copy(params) if params is not None else self.default_sampling_params()
         params.update_from_generation_config(self.generation_defaults.eos_token_ids)
         inp = self.input_processor.process(prompt, params, priority)
-        if params.structured_outputs is not None:  # a bad constraint: ValueError, queue nothing
-            self.structured_output.compile(params.structured_outputs)
-        prompt_ids = inp.prompt_token_ids
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        so = params.structured_outputs
+        if so is not None:  # a bad constraint: ValueError, queue nothing
+            if wait_for_grammar:
+                self.structured_output.compile(so)
+            else:
+                future = self.structured_output.compile_async(so)
+                if not future.done():
+                    deadline = time.monotonic() + self.structured_output.compile_timeout_s
+                    self._awaiting_grammar[request_id] = _AwaitingGrammar(
+                        future, deadline, prompt, params, inp, arrival, priority
+                    )
+                    return request_id
+                self.structured_output.compiled(so, future)
+        self._queue(request_id, prompt, params, inp, arrival, priority)
+        return request_id
+
+    def _queue(
+        self,
+        request_id: str,
+        prompt: str | SequenceOf[int],
+        params: SamplingParams,
+        inp: ProcessedInput,
+        arrival: float,
+        priority: int,
+    ) -> None:
+        prompt_ids = inp.prompt_token_ids
         seqs = [
             Sequence(
                 seq_id=request_id if i == 0 else f"{request_id}#{i}",
@@ -105,19 +154,45 @@ class LLMEngine:
             raise
         self._groups[request_id] = [s.seq_id for s in seqs]
         self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
-        return request_id
+
+    def _admit_compiled(self) -> None:
+        """Queue the requests whose grammar is now compiled; a failed or late one becomes a
+        request error (see ``add_request``)."""
+        now = time.monotonic()
+        for rid, w in list(self._awaiting_grammar.items()):
+            if not w.future.done() and now < w.deadline:
+                continue
+            del self._awaiting_grammar[rid]
+            try:
+                assert w.params.structured_outputs is not None
+                self.structured_output.compiled(w.params.structured_outputs, w.future)
+                self._queue(rid, w.prompt, w.params, w.inp, w.arrival, w.priority)
+            except ValueError as e:
+                self._request_errors.append((rid, e))
+
+    def take_request_errors(self) -> list[tuple[str, ValueError]]:
+        """Requests that failed after ``add_request`` returned (a constraint that did not
+        compile in time or at all); each is reported once and nothing of it is queued."""
+        errors, self._request_errors = self._request_errors, []
+        return errors
+
+    def has_queued_work(self) -> bool:
+        """Some request is queued (not only waiting for its grammar)."""
+        return bool(self._groups) or bool(self._pending_finished)
 
     def abort_request(self, request_ids: str | SequenceOf[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for rid in ids:  # its compilation may go on; its result is never used
+            self._awaiting_grammar.pop(rid, None)
         seq_ids = [sid for rid in ids for sid in self._groups.get(rid, [])]
         done = self.scheduler.finish_sequences(seq_ids, SequenceStatus.FINISHED_ABORTED)
         self._pending_finished.extend(done)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or bool(self._awaiting_grammar)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._groups)
+        return len(self._groups) + len(self._awaiting_grammar)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -132,6 +207,8 @@ class LLMEngine:
         step N's tokens have advanced the grammars on the host, its sampling with their mask.
         """
         op = self.output_processor
+        if self._awaiting_grammar:
+            self._admit_compiled()
         if self._pending_finished:
             self._finished(self._pending_finished)
             self._pending_finished = []

@@ -54,6 +54,7 @@ class StructuredOutputManager:
         # keeps its thread until it ends, the others stay free for the next requests.
         self._compiler = concurrent.futures.ThreadPoolExecutor(4, "grammar-compile")
         self._matchers: dict[str, GrammarMatcher] = {}
+        self.compile_timeout_s = COMPILE_TIMEOUT_S
 
         def build() -> None:
             try:
@@ -73,22 +74,37 @@ class StructuredOutputManager:
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         """The compiled constraint (cached); ValueError if it does not compile, or not within
-        ``COMPILE_TIMEOUT_S`` (the engine waits no longer; the compilation is abandoned)."""
-        key = params.key()
-        grammar = self._cache.get(key)
+        ``compile_timeout_s`` (the engine waits no longer; the compilation is abandoned)."""
+        future = self.compile_async(params)
+        concurrent.futures.wait((future,), timeout=self.compile_timeout_s)
+        return self.compiled(params, future)
+
+    def compile_async(
+        self, params: StructuredOutputsParams
+    ) -> concurrent.futures.Future[CompiledGrammar]:
+        """Start compiling ``params`` on the compile threads; the future is done at once when
+        the constraint is cached. Pass it to ``compiled`` once done or out of time."""
+        grammar = self._cache.get(params.key())
         if grammar is not None:
-            self._cache.move_to_end(key)
-            return grammar
-        backend = self.backend
-        future = self._compiler.submit(backend.compile, params)
-        try:
-            grammar = future.result(timeout=COMPILE_TIMEOUT_S)
-        except concurrent.futures.TimeoutError:
+            done: concurrent.futures.Future[CompiledGrammar] = concurrent.futures.Future()
+            done.set_result(grammar)
+            return done
+        return self._compiler.submit(self.backend.compile, params)
+
+    def compiled(
+        self, params: StructuredOutputsParams, future: concurrent.futures.Future[CompiledGrammar]
+    ) -> CompiledGrammar:
+        """The result of ``compile_async``, now cached: ValueError if it failed, or if it is
+        not done yet (out of time: the compilation is abandoned)."""
+        if not future.done():
             raise ValueError(
                 f"structured outputs ({params.kind}): compiling the constraint took longer "
-                f"than {COMPILE_TIMEOUT_S:g} s; simplify it."
-            ) from None
+                f"than {self.compile_timeout_s:g} s; simplify it."
+            )
+        grammar = future.result()  # the backend's ValueError, if it did not compile
+        key = params.key()
         self._cache[key] = grammar
+        self._cache.move_to_end(key)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return grammar

@@ -77,6 +77,12 @@ class _FakeEngine:
     def get_num_unfinished_requests(self) -> int:
         return int(self.steps_left > 0)
 
+    def has_queued_work(self) -> bool:
+        return self.steps_left > 0
+
+    def take_request_errors(self) -> list[tuple[str, ValueError]]:
+        return []
+
     def step(self) -> list[Any]:
         self.steps_left -= 1
         time.sleep(0.01)

@@ -89,7 +89,9 @@ def _add(core: EngineCore, request_id: str, prompt: list[int], params: SamplingP
 def _run(core: EngineCore) -> list[EngineOutputs]:
     steps = []
     while core.engine.has_unfinished_requests():
-        steps.append(core.step())
+        out = core.step()
+        if out is not None:  # None: only grammars compiling, nothing to send
+            steps.append(out)
     return steps
 
 
@@ -160,9 +162,17 @@ def test_rejected_request_errors_say_value_error(
     travels as "ValueError", which the server answers with a 400; other errors keep their
     type (a 500)."""
     bad = SamplingParams(max_tokens=4, structured_outputs={"regex": "a(b"})
-    err = core.add(AddRequest("re", [5, 6], bad, time.monotonic()))
-    assert isinstance(err, RequestError) and err.error_type == "ValueError"
+    # The engine loop does not wait for a grammar: its error is sent after a later step.
+    assert core.add(AddRequest("re", [5, 6], bad, time.monotonic())) is None
+    sent = core.out.messages
+    before = len(sent)
+    _run(core)
+    errors = [m for m in sent[before:] if isinstance(m, RequestError)]
+    assert [e.request_id for e in errors] == ["re"]
+    err = errors[0]
+    assert err.error_type == "ValueError"
     assert err.message.startswith("structured outputs (regex)") and "unclosed" in err.message
+    assert "re" not in core._live and not core.engine.has_unfinished_requests()
     ok = SamplingParams(max_tokens=4)
     for exc, kind in [
         (json.JSONDecodeError("Expecting value", "x", 0), "ValueError"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import jsonschema
@@ -24,6 +25,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.structured_output import StructuredOutputsParams
 from pagedllm.structured_output.backend import bitmask_width
 from pagedllm.structured_output.llguidance_backend import grammar_text
+from pagedllm.structured_output.manager import COMPILE_TIMEOUT_S
 from tests.fixtures.tiny_models import random_prompts
 
 SCHEMA = {
@@ -202,3 +204,75 @@ def test_constrained_sequences_run_ahead_under_async_scheduling(llama_dir: Any) 
     # One prompt step, one per token, plus at most one sampled after the sequence finished
     # (a sequence waiting for its token on the host would need about two steps per token).
     assert len(steps) <= n + 2, (len(steps), n)
+
+
+def _drain(engine: Any) -> dict[str, Any]:
+    """Step until idle; the last output of each request."""
+    last: dict[str, Any] = {}
+    for _ in range(500):
+        if not engine.has_unfinished_requests():
+            return last
+        for out in engine.step():
+            last[out.request_id] = out
+    raise AssertionError("the engine did not finish")
+
+
+def test_grammar_compiles_aside_while_others_step(llm: LLM, tiny_tokenizer: Any) -> None:
+    """With ``wait_for_grammar=False`` (the serving loop) a request whose grammar is compiling
+    waits aside while the others' steps go on; once compiled it runs and gives what a request
+    whose grammar was compiled at once gives. Failures come back from
+    ``take_request_errors``; an aborted waiting request never runs."""
+    import threading
+
+    engine = llm.llm_engine
+    so = engine.structured_output
+    release = threading.Event()
+    real = so.backend.compile
+
+    def slow(params: StructuredOutputsParams) -> Any:
+        if params.regex is not None and params.regex.startswith("slow"):
+            assert release.wait(10)
+        return real(params)
+
+    prompt = random_prompts(len(tiny_tokenizer), 1, 5, 6, seed=3)[0]
+    free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    regex = "slow-[0-9]{3}"
+    constrained = SamplingParams(
+        temperature=0.0, max_tokens=20, structured_outputs={"regex": regex}
+    )
+    engine.structured_output.backend.compile = slow  # type: ignore[method-assign]
+    try:
+        engine.add_request("free", prompt, free)
+        engine.add_request("waits", prompt, constrained, wait_for_grammar=False)
+        engine.add_request("aborted", prompt, constrained, wait_for_grammar=False)
+        engine.abort_request("aborted")
+        for _ in range(3):
+            assert {o.request_id for o in engine.step()} <= {"free"}
+        release.set()
+        got = _drain(engine)
+        assert set(got) == {"free", "waits"} and engine.take_request_errors() == []
+        assert len(got["free"].outputs[0].token_ids) == 8
+        text = got["waits"].outputs[0].text
+        assert re.fullmatch(regex, text), text
+        engine.add_request("at-once", prompt, constrained)  # now cached: queued directly
+        assert _drain(engine)["at-once"].outputs[0].token_ids == got["waits"].outputs[0].token_ids
+
+        release.clear()
+        so.compile_timeout_s = 0.2
+        late = SamplingParams(structured_outputs={"regex": "slow-late"})
+        engine.add_request("late", prompt, late, wait_for_grammar=False)
+        bad = SamplingParams(structured_outputs={"regex": "a(b"})
+        engine.add_request("bad", prompt, bad, wait_for_grammar=False)
+        errors: dict[str, str] = {}
+        for _ in range(400):
+            engine.step()
+            errors.update((rid, str(e)) for rid, e in engine.take_request_errors())
+            if len(errors) == 2:
+                break
+            time.sleep(0.005)
+        assert "took longer than 0.2 s" in errors["late"] and "unclosed" in errors["bad"]
+        assert not engine.has_unfinished_requests()
+    finally:
+        release.set()
+        so.compile_timeout_s = COMPILE_TIMEOUT_S
+        engine.structured_output.backend.compile = real  # type: ignore[method-assign]

@@ -132,8 +132,6 @@ def test_compile_time_limit(tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
     """A compilation that outlasts the limit is a ValueError; the manager keeps working."""
     import threading
 
-    import pagedllm.structured_output.manager as manager_mod
-
     mgr = StructuredOutputManager(tiny_tokenizer, len(tiny_tokenizer), [0])
     release = threading.Event()
     real = mgr.backend.compile
@@ -144,7 +142,7 @@ def test_compile_time_limit(tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
         return real(params)
 
     monkeypatch.setattr(mgr.backend, "compile", slow)
-    monkeypatch.setattr(manager_mod, "COMPILE_TIMEOUT_S", 0.2)
+    mgr.compile_timeout_s = 0.2
     with pytest.raises(ValueError, match="took longer than 0.2 s"):
         mgr.compile(StructuredOutputsParams(regex="slow"))
     assert mgr.compile(StructuredOutputsParams(regex="fast")) is not None  # another thread
