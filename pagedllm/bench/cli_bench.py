@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pagedllm.bench.lang import add_lang_parser
 from pagedllm.bench.presets import PRESETS
 from pagedllm.bench.serve import add_serve_parser
 from pagedllm.config.cli_args import add_engine_args
@@ -163,3 +164,4 @@ def add_bench_parser(sub: Any) -> None:
     _add_throughput(bsub)
     _add_latency(bsub)
     add_serve_parser(bsub)
+    add_lang_parser(bsub)
