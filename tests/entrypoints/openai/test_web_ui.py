@@ -23,9 +23,16 @@ import pytest
 from tests.entrypoints.openai.conftest import MODEL_NAME, ServerProc, launch
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Chromium (apt-get install chromium)"
-)
+try:
+    import websockets.sync.client  # noqa: F401  (the DevTools protocol runs over a websocket)
+
+    HAVE_WEBSOCKETS = True
+except ImportError:
+    HAVE_WEBSOCKETS = False
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)"),
+    pytest.mark.skipif(not HAVE_WEBSOCKETS, reason="needs the websockets package"),
+]
 KEY = "sk-ui"
 
 
