@@ -1,6 +1,9 @@
-"""Engine settings: ``EngineConfig``, built from flat keywords, holding five groups.
+"""Engine settings: ``EngineConfig``, built from flat keywords, holding six groups.
 
-* ``model.py`` ``ModelConfig``: model directory, tokenizer, dtype, max_model_len, load format;
+* ``load.py`` ``LoadConfig``: where a model comes from (hub id or local path, revision,
+  download directory, token); ``hub.py`` turns a hub id into a snapshot directory first.
+* ``model.py`` ``ModelConfig``: model directory, tokenizer, dtype, max_model_len, load format,
+  quantization;
   ``architecture.py`` ``ArchitectureConfig``: what the model's config.json says (``.arch``).
 * ``cache.py`` ``CacheConfig``: the paged KV cache.
 * ``scheduler.py`` ``SchedulerConfig``: per-step limits and scheduling policy.
@@ -16,6 +19,7 @@ from pagedllm.config.architecture import ArchitectureConfig
 from pagedllm.config.cache import CacheConfig
 from pagedllm.config.device import DeviceConfig
 from pagedllm.config.engine import EngineConfig
+from pagedllm.config.load import LoadConfig
 from pagedllm.config.model import DEMO_MODEL_DIR, ModelConfig
 from pagedllm.config.parallel import ParallelConfig
 from pagedllm.config.scheduler import SCHEDULING_POLICIES, SchedulerConfig
@@ -27,6 +31,7 @@ __all__ = [
     "CacheConfig",
     "DeviceConfig",
     "EngineConfig",
+    "LoadConfig",
     "ModelConfig",
     "ParallelConfig",
     "SchedulerConfig",

@@ -22,8 +22,10 @@ for the old request, and an abort meant for it, cannot reach the new one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -45,7 +47,9 @@ from pagedllm.engine.messages import (
     AddRequest,
     EngineOutputs,
     Heartbeat,
+    PrefixCacheReset,
     RequestError,
+    ResetPrefixCache,
 )
 from pagedllm.engine.request_stream import RequestStream
 from pagedllm.engine.stats import EngineStats
@@ -99,6 +103,7 @@ class AsyncLLM:
         self._handle = handle
         self._stats = stats
         self._streams: dict[str, RequestStream] = {}  # by request id
+        self._calls: dict[str, asyncio.Future[bool]] = {}  # control calls awaiting an answer
         self._num_sent = 0
         self._monitor = EngineMonitor(
             handle,
@@ -201,6 +206,22 @@ class AsyncLLM:
         stream = self._streams.get(request_id)
         if stream is not None and self._monitor.dead is None:
             self._send(AbortRequests([stream.engine_id]))
+
+    async def reset_prefix_cache(self, timeout_s: float = 30.0) -> bool:
+        """Ask the engine to forget every cached prefix block. False when requests are in
+        flight (their blocks are in use: nothing is dropped). EngineDeadError if the engine
+        is gone; TimeoutError if it does not answer within ``timeout_s``."""
+        self._monitor.start()
+        if self._monitor.dead is not None:
+            raise EngineDeadError(self._monitor.dead)
+        call_id = uuid.uuid4().hex
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = answer
+        try:
+            self._send(ResetPrefixCache(call_id))
+            return await asyncio.wait_for(answer, timeout_s)
+        finally:
+            self._calls.pop(call_id, None)
 
     async def get_stats(self) -> EngineStats:
         """The engine's stats as of its last step, or its last report while idle (no round
@@ -311,6 +332,10 @@ class AsyncLLM:
         elif isinstance(msg, Heartbeat):
             if msg.stats is not None:
                 self._stats = msg.stats
+        elif isinstance(msg, PrefixCacheReset):
+            call = self._calls.get(msg.call_id)
+            if call is not None and not call.done():
+                call.set_result(msg.ok)
         elif isinstance(msg, RequestError):
             stream = self._stream_of(msg.request_id)
             if stream is not None:
@@ -319,5 +344,8 @@ class AsyncLLM:
 
     def _fail_requests(self, reason: str) -> None:
         """The engine is dead: every request in flight ends with EngineDeadError."""
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(EngineDeadError(reason))
         for stream in self._streams.values():
             stream.fail(EngineDeadError(reason))

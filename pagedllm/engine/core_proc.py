@@ -50,7 +50,9 @@ from pagedllm.engine.messages import (
     EngineOutputs,
     EngineReady,
     Heartbeat,
+    PrefixCacheReset,
     RequestError,
+    ResetPrefixCache,
     Shutdown,
 )
 from pagedllm.engine.stats import EngineStats
@@ -198,6 +200,8 @@ class EngineCore:
                 self.send(err)
         elif isinstance(msg, AbortRequests):
             self.abort(msg.request_ids)
+        elif isinstance(msg, ResetPrefixCache):
+            self.send(PrefixCacheReset(msg.call_id, self.engine.reset_prefix_cache()))
         elif isinstance(msg, Shutdown):
             return False
         else:

@@ -188,6 +188,13 @@ class LLMEngine:
         done = self.scheduler.finish_sequences(seq_ids, SequenceStatus.FINISHED_ABORTED)
         self._pending_finished.extend(done)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False (and nothing dropped) while any request is
+        in flight, whose blocks are in use."""
+        if self.has_unfinished_requests() or self._inflight is not None:
+            return False
+        return self.scheduler.kv.pool.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups) or bool(self._awaiting_grammar)
 

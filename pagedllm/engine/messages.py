@@ -38,6 +38,20 @@ class Shutdown:
     pass
 
 
+@dataclass
+class ResetPrefixCache:
+    """Forget every cached prefix block (allowed only while no request holds blocks); the
+    engine answers with ``PrefixCacheReset`` carrying the same ``call_id``."""
+
+    call_id: str
+
+
+@dataclass
+class PrefixCacheReset:
+    call_id: str
+    ok: bool  # False: requests were running, nothing was dropped
+
+
 # ---- engine process -> API process ----------------------------------------------------------
 @dataclass
 class EngineReady:

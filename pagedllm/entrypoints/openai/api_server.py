@@ -5,7 +5,9 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/resp
 ``GET /v1/models/{model}``, ``GET /health``, ``GET /ping``, ``GET /metrics``, ``POST /tokenize``,
 ``POST /detokenize``, ``GET /version`` and, with ``--enable-tokenizer-info-endpoint``,
 ``GET /tokenizer_info`` (``routes_misc.py``); with ``--ui``, the web chat page at ``/ui``
-(``ui.py``).
+(``ui.py``); SGLang's native routes (``POST /generate``, ``GET /get_model_info``,
+``GET /get_server_info``, ``GET /health_generate``, ``POST /flush_cache``: ``native_routes.py``),
+so SGLang's own frontend and ``pagedllm.lang.Endpoint`` run against this server.
 
 ``GateMiddleware`` (``gate.py``) runs in front of every route: request ids, authentication,
 rate limits and the body limits. ``CORSMiddleware`` runs in front of the gate, so that a
@@ -37,6 +39,7 @@ from pagedllm.entrypoints.openai.cli_http import cors_kwargs, fastapi_kwargs
 from pagedllm.entrypoints.openai.errors import bad_request, engine_dead, install_error_handlers
 from pagedllm.entrypoints.openai.gate import GateMiddleware
 from pagedllm.entrypoints.openai.metrics import ServerMetrics
+from pagedllm.entrypoints.openai.native_routes import register_native_routes
 from pagedllm.entrypoints.openai.openapi import (
     generation_responses,
     get_responses,
@@ -273,4 +276,5 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
     async def version() -> VersionResponse:
         return VersionResponse(version=pagedllm.__version__)
 
+    register_native_routes(app, args)
     return app

@@ -30,6 +30,15 @@ _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes see: behind ``--root-path`` the request's path carries the root
+    path as a prefix, which the open and unlimited paths must not depend on."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
 class ClientTooSlowError(Exception):
     """The client stopped reading the response: the request ends and the connection closes."""
 
@@ -87,7 +96,7 @@ class GateMiddleware:
 
     def _admit(self, scope: Scope, headers: Headers, state: dict) -> None:
         """Authenticate and rate-limit; raise APIError (401 / 429) to refuse."""
-        path = scope["path"]
+        path = route_path(scope)
         if path in OPEN_PATHS:
             return
         subject: str | None = None

@@ -9,9 +9,8 @@
   frontend picks its chat template from ``model_path``);
 * ``GET /get_server_info`` (and ``/server_info``, the newer spelling): the serving limits;
 * ``GET /health_generate``: 200 once a one-token generation has gone through the engine;
-* ``POST /flush_cache``: 400 ``not_supported``, because the engine process has no command to
-  drop its prefix cache (a client that calls it learns so instead of believing it happened;
-  a 400, as for every other feature we do not implement, never a 5xx).
+* ``POST /flush_cache``: the engine forgets every cached prefix block (200), or a 400
+  ``requests_running`` while requests hold blocks, as SGLang answers.
 
 They sit behind the same ``GateMiddleware`` as the OpenAI routes (API key / JWT, rate limits,
 body limits), use the same error bodies, and refuse work while the engine is dead or wedged.
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 import pagedllm
 from pagedllm.entrypoints.openai.errors import APIError, engine_dead
@@ -126,11 +125,16 @@ def register_native_routes(app: FastAPI, args: Any) -> None:
             return APIError(503, f"A test generation failed: {e}", code="unhealthy").response()
         return Response(status_code=200)
 
-    @app.post("/flush_cache", response_model=None, responses=post_responses())
-    async def flush_cache() -> JSONResponse:
-        raise APIError(
-            400,
-            "flush_cache is not supported: the engine has no command to drop its prefix cache "
-            "(cached blocks are evicted least-recently-used as memory is needed).",
-            code="not_supported",
-        )
+    flushed = {"description": "Flushed.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    @app.post("/flush_cache", response_model=None, responses={200: flushed, **post_responses()})
+    async def flush_cache() -> Response:
+        require_engine()
+        if not await engine.reset_prefix_cache():
+            raise APIError(
+                400,
+                "The prefix cache was not flushed: requests are running (their blocks are in "
+                "use). Retry when the server is idle.",
+                code="requests_running",
+            )
+        return Response("Cache flushed.\n", media_type="text/plain")

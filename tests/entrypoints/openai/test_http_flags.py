@@ -292,3 +292,21 @@ def test_disable_log_stats(
         assert not lines and engine.reads == 0
     else:
         assert len(lines) >= 3 and "running 1" in lines[-1]
+
+
+def test_root_path_keeps_probes_open(tiny_tokenizer: Any) -> None:
+    """Behind --root-path the probes stay open and everything else still needs the key (the
+    gate compares the route's path, not the request path carrying the root path)."""
+    from fastapi.testclient import TestClient
+
+    from pagedllm.entrypoints.cli import build_parser
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    engine: Any = _FakeEngine(tiny_tokenizer)
+    args = build_parser().parse_args(["serve", "--root-path", "/api", "--api-key", "k"])
+    args.served_model_name = ["m"]
+    client = TestClient(build_app(engine, args), root_path="/api")
+    assert client.get("/ping").status_code != 401
+    assert client.get("/v1/models").status_code == 401
+    ok = client.get("/v1/models", headers={"Authorization": "Bearer k"})
+    assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "m"

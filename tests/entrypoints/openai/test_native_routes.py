@@ -58,9 +58,16 @@ def test_model_and_server_info(client: httpx.Client, llama_dir: Path) -> None:
         srv = client.get(path).json()
         assert srv["max_model_len"] == 512 and srv["version"]
     assert client.get("/health_generate").status_code == 200
+
+
+def test_flush_cache_drops_the_prefix_cache(client: httpx.Client) -> None:
+    """The same prompt again hits the prefix cache; after /flush_cache it does not."""
+    body = {"text": "one two three four " * 12, "sampling_params": {"max_new_tokens": 1}}
+    _gen(client, body)
+    assert _gen(client, body)["meta_info"]["cached_tokens"] > 0
     r = client.post("/flush_cache")
-    assert r.status_code == 400 and "prefix cache" in r.json()["error"]["message"]
-    assert r.json()["error"]["code"] == "not_supported"
+    assert r.status_code == 200 and r.text == "Cache flushed.\n", r.text
+    assert _gen(client, body)["meta_info"]["cached_tokens"] == 0
 
 
 def test_greedy_text_matches_transformers(client: httpx.Client, llama_dir: Path) -> None:
