@@ -229,7 +229,7 @@ def test_unsupported_architecture_is_named(
         (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
         (["--enable-log-requests", "--disable-log-requests"], "contradict each other"),
         (["--root-path", "api"], "--root-path must start with '/'"),
-        (["--max-logprobs", "50"], "--max-logprobs: the server's logprobs limit is fixed"),
+        (["--max-logprobs", "-2"], "--max-logprobs must be >= 0"),
         (["--generation-config", "/no/such/dir"], "--generation-config must be auto, vllm or"),
         (["--override-generation-config", '{"max_new_tokens": 5}'], "unsupported key"),
         (["--override-generation-config", '{"temperature": "hot"}'], "must be a number"),

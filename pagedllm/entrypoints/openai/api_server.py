@@ -67,7 +67,7 @@ from pagedllm.entrypoints.openai.protocol_responses import (
 )
 from pagedllm.entrypoints.openai.responses_api import install_responses_route
 from pagedllm.entrypoints.openai.routes_misc import install_misc_routes
-from pagedllm.entrypoints.openai.server_state import ServerState, check_unicode
+from pagedllm.entrypoints.openai.server_state import MAX_LOGPROBS, ServerState, check_unicode
 from pagedllm.entrypoints.openai.serving_chat import ChatServing
 from pagedllm.entrypoints.openai.serving_completion import CompletionServing
 from pagedllm.entrypoints.openai.stats_log import log_stats_forever
@@ -128,6 +128,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
         tokenizer_pool_size=int(_opt(args, "tokenizer_pool_size", 4)),
         enable_auto_tool_choice=bool(_opt(args, "enable_auto_tool_choice", False)),
         tool_call_parser=_opt(args, "tool_call_parser", None),
+        max_logprobs=int(_opt(args, "max_logprobs", MAX_LOGPROBS)),
     )
     chat = ChatServing(state)
     completion = CompletionServing(state)

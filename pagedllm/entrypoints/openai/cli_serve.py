@@ -115,7 +115,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         "--max-logprobs",
         type=int,
         default=20,
-        help="most logprobs a request may ask for (fixed at 20 for now; default: 20)",
+        help="most logprobs (top alternatives) a request may ask for; -1: the vocabulary "
+        "size (default: 20)",
     )
     g.add_argument(
         "--enable-tokenizer-info-endpoint",
@@ -230,8 +231,7 @@ def _check(args: argparse.Namespace) -> None:
          "--max-waiting-requests must be >= 0"),
         (args.queue_timeout is None or args.queue_timeout > 0, "--queue-timeout must be > 0"),
         (0 <= args.port <= 65535, "--port must be in [0, 65535]"),
-        (args.max_logprobs == 20,
-         "--max-logprobs: the server's logprobs limit is fixed at 20 for now"),
+        (args.max_logprobs >= -1, "--max-logprobs must be >= 0, or -1 for the vocabulary size"),
         (not args.enable_auto_tool_choice or args.tool_call_parser is not None,
          "--enable-auto-tool-choice needs --tool-call-parser (one of "
          + ", ".join(sorted(TOOL_PARSERS)) + ")"),

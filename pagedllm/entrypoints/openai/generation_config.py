@@ -36,7 +36,7 @@ def add_generation_config_args(group: argparse._ArgumentGroup) -> None:
         "--override-generation-config",
         default=None,
         metavar="JSON",
-        help='sampling defaults over the --generation-config ones, e.g. \'{"temperature": 0.5}\'',
+        help="sampling defaults over the --generation-config ones, e.g. '{\"temperature\": 0.5}'",
     )
 
 

@@ -30,7 +30,6 @@ from pagedllm.entrypoints.openai.native_protocol import (
     unsupported_fields,
 )
 from pagedllm.entrypoints.openai.server_state import (
-    MAX_LOGPROBS,
     MAX_PROMPTS,
     check_unicode,
     random_id,
@@ -108,8 +107,9 @@ class NativeServing(OpenAIServing):
         sp = req.sampling_params or NativeSamplingParams()
         if sp.n > self.state.max_n:
             raise bad_request(f"n must be at most {self.state.max_n}, got {sp.n}.", "n")
-        if req.top_logprobs_num > MAX_LOGPROBS:
-            raise bad_request(f"top_logprobs_num must be at most {MAX_LOGPROBS}.")
+        limit = self.state.logprobs_limit
+        if req.top_logprobs_num > limit:
+            raise bad_request(f"top_logprobs_num must be at most {limit}.")
         max_new = SGLANG_DEFAULT_MAX_NEW_TOKENS if sp.max_new_tokens is None else sp.max_new_tokens
         if max_new == 0 and (sp.n > 1 or constraint is not None):
             raise bad_request(

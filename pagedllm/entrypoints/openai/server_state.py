@@ -23,7 +23,7 @@ from pagedllm.entrypoints.openai.metrics import ServerMetrics
 if TYPE_CHECKING:
     from pagedllm.engine.async_llm import AsyncLLM
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # default of --max-logprobs
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -49,6 +49,7 @@ class ServerState:
     tokenizer_pool_size: int = 4
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (with tool_call_parser)
     tool_call_parser: str | None = None  # a name in tool_parsers.TOOL_PARSERS
+    max_logprobs: int = MAX_LOGPROBS  # --max-logprobs; -1: the vocabulary size
     pool: ThreadPoolExecutor = field(init=False)
     max_chars_per_token: int = field(init=False)
 
@@ -56,6 +57,13 @@ class ServerState:
         self.pool = ThreadPoolExecutor(self.tokenizer_pool_size, "pagedllm-tokenize")
         vocab = self.engine.tokenizer.get_vocab()
         self.max_chars_per_token = max((len(t) for t in vocab), default=1) or 1
+
+    @property
+    def logprobs_limit(self) -> int:
+        """Most logprobs (top alternatives) a request may ask for."""
+        if self.max_logprobs < 0:
+            return int(self.engine.input_processor.vocab_size)
+        return self.max_logprobs
 
     @property
     def max_model_len(self) -> int:

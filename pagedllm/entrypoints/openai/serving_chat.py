@@ -37,7 +37,7 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     ToolCallOut,
     UsageInfo,
 )
-from pagedllm.entrypoints.openai.server_state import MAX_LOGPROBS, random_id, rate_subject
+from pagedllm.entrypoints.openai.server_state import random_id, rate_subject
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
 from pagedllm.entrypoints.openai.streaming import StreamOptionsMixin
 from pagedllm.entrypoints.openai.tool_calls import ToolPlan, delta_dicts, plan_tools
@@ -81,8 +81,9 @@ class ChatServing(OpenAIServing):
             constraint = plan.constraint
         self.check_fan_out(1, req.n)
         if req.top_logprobs is not None:
-            if req.top_logprobs > MAX_LOGPROBS:
-                raise bad_request(f"top_logprobs must be at most {MAX_LOGPROBS}.", "top_logprobs")
+            limit = self.state.logprobs_limit
+            if req.top_logprobs > limit:
+                raise bad_request(f"top_logprobs must be at most {limit}.", "top_logprobs")
             if not req.logprobs:
                 raise bad_request("top_logprobs requires logprobs=true.", "top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens

@@ -32,7 +32,6 @@ from pagedllm.entrypoints.openai.protocol_responses import (
     UsageInfo,
 )
 from pagedllm.entrypoints.openai.server_state import (
-    MAX_LOGPROBS,
     MAX_PROMPTS,
     check_unicode,
     random_id,
@@ -92,8 +91,9 @@ class CompletionServing(OpenAIServing):
             raise bad_request("suffix is not supported.", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of is not supported (it must be unset or equal n).", "best_of")
-        if req.logprobs is not None and req.logprobs > MAX_LOGPROBS:
-            raise bad_request(f"logprobs must be at most {MAX_LOGPROBS}.", "logprobs")
+        limit = self.state.logprobs_limit
+        if req.logprobs is not None and req.logprobs > limit:
+            raise bad_request(f"logprobs must be at most {limit}.", "logprobs")
         raw_prompts = self._prompts(req.prompt)
         self.check_fan_out(len(raw_prompts), req.n)
         prompts = await self.off_loop(self._tokenize, raw_prompts)

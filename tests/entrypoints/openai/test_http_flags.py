@@ -310,3 +310,32 @@ def test_root_path_keeps_probes_open(tiny_tokenizer: Any) -> None:
     assert client.get("/v1/models").status_code == 401
     ok = client.get("/v1/models", headers={"Authorization": "Bearer k"})
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "m"
+
+
+@pytest.mark.parametrize(("flag", "limit"), [(None, 20), ("25", 25), ("-1", 300)])
+def test_max_logprobs_sets_the_limit(tiny_tokenizer: Any, flag: str | None, limit: int) -> None:
+    """--max-logprobs is the most top alternatives a request may ask for (-1: the
+    vocabulary); the checks run before the engine is asked anything."""
+    from fastapi.testclient import TestClient
+
+    from pagedllm.entrypoints.cli import build_parser
+    from pagedllm.entrypoints.openai.api_server import build_app
+
+    engine: Any = _FakeEngine(tiny_tokenizer)
+    # Past the liveness and the input checks that come before the logprobs limit.
+    engine.is_running, engine.is_wedged = True, lambda *a: False
+    engine.input_processor = argparse.Namespace(
+        max_model_len=64, vocab_size=300, check_priority=lambda p: None, in_vocab=lambda t: True
+    )
+    argv = ["serve"] + ([] if flag is None else ["--max-logprobs", flag])
+    args = build_parser().parse_args(argv)
+    args.served_model_name = ["m"]
+    client = TestClient(build_app(engine, args))
+    msgs = [{"role": "user", "content": "hi"}]
+    bodies = [
+        ("/v1/chat/completions", {"messages": msgs, "logprobs": True, "top_logprobs": limit + 1}),
+        ("/v1/completions", {"prompt": "hi", "logprobs": limit + 1}),
+    ]
+    for path, body in bodies:
+        r = client.post(path, json={"model": "m", **body})
+        assert r.status_code == 400 and f"at most {limit}." in r.json()["error"]["message"], r.text
