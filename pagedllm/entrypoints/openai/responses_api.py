@@ -7,14 +7,15 @@ translates it into a ``ChatCompletionRequest`` and lets ``ChatServing`` do every
 matters — validation, templating, limits, accounting, metrics, disconnects — then reshapes the
 answer: one ``response`` object, or, with ``stream``, the Responses event sequence
 (``response.created``, ``response.in_progress``, ``response.output_item.added``,
-``response.content_part.added``, ``response.output_text.delta`` ..., the matching ``.done``
-events and ``response.completed``; ``response.incomplete`` when ``max_output_tokens`` cut it).
+``response.content_part.added``, ``response.output_text.delta`` ..., for a function call its
+``response.function_call_arguments.delta`` events, the matching ``.done`` events and
+``response.completed``; ``response.incomplete`` when ``max_output_tokens`` cut it).
 
 Supported: ``input`` as text or a list of messages (text content or ``input_text`` /
 ``output_text`` parts), ``instructions``, ``max_output_tokens``, ``temperature``, ``top_p``,
 ``text.format`` (``text`` or ``json_schema``, the latter enforced as structured output),
-``stream``, function ``tools`` with ``tool_choice`` and ``parallel_tool_calls`` (not streamed
-yet; calls come back as ``function_call`` output items, and ``function_call`` /
+``stream``, function ``tools`` with ``tool_choice`` and ``parallel_tool_calls`` (calls come
+back as ``function_call`` output items, streamed or not, and ``function_call`` /
 ``function_call_output`` input items carry a tool round trip), and bookkeeping fields.
 ``previous_response_id`` (nothing is stored), ``reasoning`` and the other fields are answered
 400 naming the field.
@@ -166,8 +167,6 @@ def _chat_tools(req: ResponsesRequest) -> dict[str, Any]:
     """``tools`` / ``tool_choice`` / ``parallel_tool_calls`` in chat completions' shape."""
     body: dict[str, Any] = {}
     if req.tools:
-        if req.stream:
-            raise bad_request("tools are not supported with stream=true yet.", "tools")
         body["tools"] = [
             {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
             for t in req.tools

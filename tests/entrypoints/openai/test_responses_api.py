@@ -152,10 +152,39 @@ def test_function_tools_round_trip(client: openai.OpenAI) -> None:
     assert follow.output[0].type == "message" and follow.usage.input_tokens > 0  # type: ignore[union-attr]
 
 
+def test_streamed_function_call(client: openai.OpenAI) -> None:
+    """A forced call streamed: a function_call item whose argument deltas add up to the
+    final item's arguments, the same as the call made without streaming (greedy)."""
+    kw: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "input": "Weather in Oslo?",
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 60,
+        "temperature": 0.0,
+    }
+    events = list(client.responses.create(stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [e.item.type for e in added] == ["function_call"]  # type: ignore[union-attr]
+    item_id = added[0].item.id  # type: ignore[union-attr]
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert deltas and all(e.item_id == item_id for e in deltas)  # type: ignore[union-attr]
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    streamed = "".join(e.delta for e in deltas)  # type: ignore[union-attr]
+    assert done.arguments == streamed  # type: ignore[union-attr]
+    assert events[-1].type == "response.completed"
+    final = [o for o in events[-1].response.output if o.type == "function_call"]  # type: ignore[union-attr]
+    assert len(final) == 1 and final[0].id == item_id and final[0].arguments == streamed
+    ref = client.responses.create(**kw)
+    ref_calls = [o for o in ref.output if o.type == "function_call"]
+    assert [c.arguments for c in ref_calls] == [streamed] and ref_calls[0].name == "get_weather"
+    assert set(json.loads(streamed)) == {"city"}
+
+
 @pytest.mark.parametrize(
     "extra,field",
     [
-        ({"tools": [WEATHER], "stream": True}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
