@@ -45,6 +45,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Prompt logprobs only from this position on (the entries of prompt tokens 0..start stay
+    # None): the prompt before it may then come from the prefix cache (SGLang's
+    # ``logprob_start_len``; scoring choices after a long shared context).
+    prompt_logprobs_start: int = 0
     # token id -> bias added to its logit before sampling (OpenAI ``logit_bias``).
     logit_bias: dict[int, float] | None = None
     # The output must match a JSON schema, regex, choice or grammar (a dict is converted).
@@ -110,6 +114,11 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise bad(f"{name} must be None or an integer >= 0, got {v!r}.")
+        start = self.prompt_logprobs_start
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise bad(f"prompt_logprobs_start must be an integer >= 0, got {start!r}.")
+        if start and self.prompt_logprobs is None:
+            raise bad("prompt_logprobs_start needs prompt_logprobs.")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad(f"seed must be an integer, got {self.seed!r}.")
         assert isinstance(self.stop, list)

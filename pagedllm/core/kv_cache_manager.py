@@ -45,14 +45,18 @@ class KVCacheManager:
     def find_cached_prefix(self, seq: Sequence) -> list[KVBlock]:
         """Longest run of cached full blocks matching the request's leading tokens.
 
-        At least one token is always left to compute (its logits are needed). Sequences that
-        ask for prompt logprobs skip the lookup (cached positions would have none).
+        At least one token is always left to compute (its logits are needed). A sequence that
+        asks for prompt logprobs takes cached blocks only before ``prompt_logprobs_start``
+        (cached positions would have no logits).
         """
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching:
             return []
+        usable = seq.num_tokens - 1
+        if seq.params.prompt_logprobs is not None:
+            usable = min(usable, seq.params.prompt_logprobs_start)
         self._update_hashes(seq)
         hits: list[KVBlock] = []
-        for block_hash in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
+        for block_hash in seq.block_hashes[: usable // self.block_size]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break

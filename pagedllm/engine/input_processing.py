@@ -105,6 +105,11 @@ class InputProcessor:
                 f"The prompt has {len(prompt_ids)} tokens, but max_model_len is {max_len}: "
                 f"prompts may have at most {max_len - 1} tokens to leave room for output."
             )
+        if params.prompt_logprobs_start >= len(prompt_ids):
+            raise ValueError(
+                f"prompt_logprobs_start ({params.prompt_logprobs_start}) must be below the "
+                f"prompt's length ({len(prompt_ids)})."
+            )
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab:

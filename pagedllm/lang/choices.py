@@ -71,9 +71,14 @@ def decide(backend: Backend, text: str, choices: list[str], method: str) -> Sele
             f"select needs the logprobs of prompt tokens, which {type(backend).__name__} "
             "cannot get from its server; use LocalBackend or Endpoint."
         )
-    fulls = backend.score([text + c for c in choices])
     prefix_ids = backend.tokenize(text)
+    # The text's tokens need no logprobs: all but its last two may come from the prefix cache
+    # (a choice can merge with the text's last token; one more token of margin).
+    skip = max(len(prefix_ids) - 3, 0)
+    fulls = backend.score([text + c for c in choices], skip)
     starts = [_choice_tokens(prefix_ids, f, c) for f, c in zip(fulls, choices, strict=True)]
+    if min(starts) <= skip:  # a choice reaches further back into the text: score it all
+        fulls = backend.score([text + c for c in choices])
     rows: list[list[float]] = []
     for f, s in zip(fulls, starts, strict=True):
         rows.append([float(lp) for lp in f.logprobs[s:] if lp is not None])

@@ -101,13 +101,14 @@ def prepare_step_inputs(
             fix_rows.append(total + count - 1)
             fix_src.append(last_rows[sched.seq_id])
         k = seq.params.prompt_logprobs
-        if k is not None and seq.index == 0 and start < num_prompt - 1:
-            stop = min(end, num_prompt - 1)
-            prompt_spans.append((seq.seq_id, start, stop - start, k))
+        lo = max(start, seq.params.prompt_logprobs_start)  # positions before it: not asked for
+        stop = min(end, num_prompt - 1)
+        if k is not None and seq.index == 0 and lo < stop:
+            prompt_spans.append((seq.seq_id, lo, stop - lo, k))
             first = len(logit_rows)
-            prompt_rows.extend(range(first, first + stop - start))
-            logit_rows.extend(range(total, total + stop - start))
-            prompt_targets.extend(seq.prompt_token_ids[start + 1 : stop + 1])
+            prompt_rows.extend(range(first, first + stop - lo))
+            logit_rows.extend(range(total + lo - start, total + stop - start))
+            prompt_targets.extend(seq.prompt_token_ids[lo + 1 : stop + 1])
         total += count
         if drafts:  # one sample per draft position and one past them, all for this sequence
             for i in range(len(drafts) + 1):

@@ -73,6 +73,30 @@ def test_prompt_logprobs_survive_chunking(llama_dir, prompts) -> None:  # type: 
         assert _close(entry[prompt[pos]].logprob, ref[pos - 1, prompt[pos]].item())
 
 
+def test_prompt_logprobs_from_a_start_reuse_the_prefix_cache(llama_dir) -> None:  # type: ignore[no-untyped-def]
+    """With ``prompt_logprobs_start`` the entries up to that position stay None, the others
+    equal transformers', and the full blocks before it come from the prefix cache."""
+    llm = LLM(str(llama_dir), block_size=8, enable_prefix_caching=True)
+    prompt = random_prompts(512, 1, 41, 41, seed=17)[0]
+    ref = hf_logprobs(llama_dir, prompt)
+    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
+    for start, cached in ((0, 0), (19, 16), (40, 40)):
+        params = SamplingParams(max_tokens=1, prompt_logprobs=2, prompt_logprobs_start=start)
+        out = _gen(llm, [prompt], params)[0]
+        assert out.num_cached_tokens == cached
+        plp = out.prompt_logprobs
+        assert plp is not None and len(plp) == len(prompt)
+        assert all(e is None for e in plp[: start + 1])
+        for pos in range(start + 1, len(prompt)):
+            entry = plp[pos]
+            assert entry is not None
+            assert _close(entry[prompt[pos]].logprob, ref[pos - 1, prompt[pos]].item())
+    with pytest.raises(ValueError, match="below the prompt's length"):
+        _gen(llm, [prompt], SamplingParams(prompt_logprobs=0, prompt_logprobs_start=41))
+    with pytest.raises(ValueError, match="needs prompt_logprobs"):
+        SamplingParams(prompt_logprobs_start=3)
+
+
 def test_seeded_sampling_reproducible_and_batch_independent(llm, prompts) -> None:  # type: ignore[no-untyped-def]
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
     alone = _gen(llm, [prompts[0]], seeded)[0].outputs[0].token_ids

@@ -182,6 +182,31 @@ def test_fork_branches_reuse_the_prefix_kv(local: lang.LocalBackend) -> None:
         assert b.text() == intro + b["x"]
 
 
+def test_select_after_a_long_context_reads_it_from_the_prefix_cache(
+    local: lang.LocalBackend,
+) -> None:
+    """A select after a long context asks for logprobs only near the choices, so the context's
+    full blocks come from the prefix cache; the scores equal those of a full scoring."""
+    context = "A long shared context that fills several KV blocks, then a question? " * 3
+    choices = [" yes", " no", " maybe"]
+    local.cache_prefix(context)
+    kv = local._driver.engine.scheduler.kv
+    hits = kv.prefix_hits
+
+    @lang.function
+    def prog(s: ProgramState) -> None:
+        s += context + lang.select("pick", choices=choices)
+
+    state = prog.run(backend=local)
+    block = local._driver.engine.config.cache_config.block_size
+    assert kv.prefix_hits - hits >= len(choices) * 2 * block  # each choice's prompt hit
+    p_ids = local.processor.tokenize(context)
+    full = local.score([context + c for c in choices])  # every position computed
+    for got, f in zip(state.get_meta_info("pick")["token_logprobs"], full, strict=True):
+        start = _common(p_ids, f.token_ids)
+        assert got == pytest.approx([float(x) for x in f.logprobs[start:]], abs=1e-4)
+
+
 def test_run_batch_keeps_order(local: lang.LocalBackend) -> None:
     batch = [{"question": q, "max_tokens": 3 + i % 3} for i, q in enumerate(QUESTIONS * 2)]
     states = chat.run_batch(batch, backend=local, temperature=0, num_threads=4)

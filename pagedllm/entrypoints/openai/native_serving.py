@@ -13,6 +13,7 @@ in request order; streaming sends each completion's cumulative ``text`` with its
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -181,6 +182,11 @@ class NativeServing(OpenAIServing):
         self.check_fan_out(len(raw_prompts), params.n)
         prompts = await self.off_loop(self._tokenize, raw_prompts)
         opts = [self._logprob_options(req, len(p)) for p in prompts]
+        if params.prompt_logprobs is not None:
+            # Nothing before logprob_start_len is reported: those positions need no logits, so
+            # the prefix cache may supply them (position p's logits score prompt token p + 1).
+            first = min(max(o.start - 1, 0) for o in opts)
+            params = dataclasses.replace(params, prompt_logprobs_start=first)
         for ids in prompts:
             self.check_prompt(ids, params, max(max_new, 1), "text")
         rid = random_id("gen")

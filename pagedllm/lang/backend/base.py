@@ -53,8 +53,10 @@ class Backend(ABC):
         piece of text as it is generated."""
 
     @abstractmethod
-    def score(self, prompts: list[str | list[int]]) -> list[ScoredPrompt]:
-        """Token ids and prompt logprobs of each prompt, computed in one batch."""
+    def score(self, prompts: list[str | list[int]], start: int = 0) -> list[ScoredPrompt]:
+        """Token ids and prompt logprobs of each prompt, computed in one batch. Logprobs of
+        the tokens at indices up to ``start`` may be None: the engine may take that part of
+        each prompt from its prefix cache instead of computing its logits."""
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:

@@ -102,24 +102,31 @@ class Endpoint(Backend):
                     on_delta(piece)
         return GenOutput(seen, meta)
 
-    def score(self, prompts: list[str | list[int]]) -> list[ScoredPrompt]:
+    def score(self, prompts: list[str | list[int]], start: int = 0) -> list[ScoredPrompt]:
         texts = all(isinstance(p, str) for p in prompts)
         if not texts and not all(isinstance(p, list) for p in prompts):
-            return [self.score([p])[0] for p in prompts]
-        body = {
+            return [self.score([p], start)[0] for p in prompts]
+        body: dict[str, Any] = {
             "text" if texts else "input_ids": list(prompts),
             "sampling_params": {"max_new_tokens": 0},
             "return_logprob": True,
             "logprob_start_len": 0,
         }
+        first = 0
+        if start > 0:  # token ids first, to report only from start + 1 (the rest may be cached)
+            ids = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+            first = min(min(start + 1, len(i) - 1) for i in ids)
+            body = {**body, "input_ids": ids, "logprob_start_len": first}
+            body.pop("text", None)
         answers = self._call("POST", "/generate", body)
-        return [
-            ScoredPrompt(
-                [e[1] for e in a["meta_info"]["input_token_logprobs"]],
-                [e[0] for e in a["meta_info"]["input_token_logprobs"]],
-            )
-            for a in answers
-        ]
+        scored = []
+        for a in answers:
+            entries = a["meta_info"]["input_token_logprobs"]
+            token_ids = body["input_ids"][len(scored)] if first else [e[1] for e in entries]
+            lps = [None] * first + [e[0] for e in entries]
+            assert len(lps) == len(token_ids), "the server tokenized differently"
+            scored.append(ScoredPrompt(token_ids, lps))
+        return scored
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._call("POST", "/tokenize", {"prompt": text})["tokens"])

@@ -133,15 +133,19 @@ class LocalBackend(Backend):
         }
         return GenOutput(text_out, meta)
 
-    def score(self, prompts: list[str | list[int]]) -> list[ScoredPrompt]:
+    def score(self, prompts: list[str | list[int]], start: int = 0) -> list[ScoredPrompt]:
         ids = [self.processor.tokenize(p) for p in prompts]
-        sp = SamplingParams(
-            temperature=0.0,
-            max_tokens=1,
-            prompt_logprobs=0,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        outs = self._run([Submission(i, sp) for i in ids])
+
+        def params(n: int) -> SamplingParams:
+            return SamplingParams(
+                temperature=0.0,
+                max_tokens=1,
+                prompt_logprobs=0,
+                prompt_logprobs_start=min(start, n - 1),
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+
+        outs = self._run([Submission(i, params(len(i))) for i in ids])
         scored = []
         for i, out in zip(ids, outs, strict=True):
             positions = out.prompt_logprobs or [None] * len(i)

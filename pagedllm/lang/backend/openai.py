@@ -103,7 +103,7 @@ class OpenAIBackend(Backend):
     def generate(self, text: str, params: GenParams, on_delta: OnDelta | None = None) -> GenOutput:
         raise ValueError("OpenAIBackend is chat-only: gen must be an assistant block's content.")
 
-    def score(self, prompts: list[str | list[int]]) -> list[ScoredPrompt]:
+    def score(self, prompts: list[str | list[int]], start: int = 0) -> list[ScoredPrompt]:
         raise ValueError("The OpenAI chat API does not return prompt logprobs.")
 
     def tokenize(self, text: str) -> list[int]:
