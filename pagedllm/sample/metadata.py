@@ -18,6 +18,7 @@ caller for the whole batch) is a packed bitmask (``token_mask.py``) or ``None``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import operator
@@ -239,7 +240,17 @@ class SamplingMetadataCache:
         self._meta: SamplingMetadata | None = None
         self.hits = 0
 
-    def get(self, rows: list[SamplingRow], ids: list[str]) -> SamplingMetadata:
+    def get(
+        self, rows: list[SamplingRow], ids: list[str], allowed_mask: torch.Tensor | None = None
+    ) -> SamplingMetadata:
+        """The batch's metadata; a grammar's ``allowed_mask`` (new every step) is attached to
+        the cached rest rather than rebuilding every per-row tensor around it."""
+        if allowed_mask is not None:
+            if any(r.params.allowed_token_ids for r in rows):  # the two masks combine: rare
+                return SamplingMetadata.build(rows, self.vocab_size, self.device, allowed_mask)
+            base = self.get(rows, ids)
+            mask = prepare_allowed_mask(allowed_mask, len(rows), self.vocab_size, self.device)
+            return dataclasses.replace(base, allowed_token_mask=mask)
         params = [r.params for r in rows]
         meta = self._meta
         if (

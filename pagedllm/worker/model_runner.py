@@ -22,7 +22,7 @@ from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.fused import use_fused
 from pagedllm.models.loader import load_model
-from pagedllm.sample.metadata import SamplingMetadata, SamplingMetadataCache, SamplingRow
+from pagedllm.sample.metadata import SamplingMetadataCache, SamplingRow
 from pagedllm.sample.sampler import Sampler, compute_logprobs
 from pagedllm.worker.cuda_graph import DecodeGraphs
 from pagedllm.worker.kv_cache_spec import bind_kv_caches, build_kv_cache_spec
@@ -233,10 +233,7 @@ class ModelRunner:
             row_logits = logits
         else:
             row_logits = logits[h2d(src, torch.int64, self.device)]
-        if allowed_mask is None:
-            meta = self.sampling_cache.get(rows, ids)
-        else:  # a grammar's mask changes every step: never from the cache
-            meta = SamplingMetadata.build(rows, self.vocab_size, self.device, allowed_mask)
+        meta = self.sampling_cache.get(rows, ids, allowed_mask)
         res = self.sampler(row_logits, meta)
         self._last_sampled = res.sampled_token_ids
         self._last_rows = {seq_id: i for i, seq_id in enumerate(ids)}

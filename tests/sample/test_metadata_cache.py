@@ -8,6 +8,7 @@ import copy
 import torch
 
 from pagedllm.sample.metadata import SamplingMetadataCache, SamplingRow
+from pagedllm.sample.token_mask import unpack_token_mask
 from pagedllm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -39,3 +40,22 @@ def test_history_dependent_rows_are_never_reused() -> None:
         rows = _rows([SamplingParams(), dynamic])
         first = cache.get(rows, ["a", "b"])
         assert cache.get(rows, ["a", "b"]) is not first and cache.hits == 0
+
+
+def test_grammar_mask_rides_on_the_cached_rows() -> None:
+    """A grammar mask (new every step) is attached to the cached metadata: the per-row
+    tensors are reused, the mask is this step's; with allowed_token_ids the two combine."""
+    cache = SamplingMetadataCache(V, CPU)
+    rows = _rows([SamplingParams(temperature=0.5), SamplingParams(temperature=0.0)])
+    plain = cache.get(rows, ["a", "b"])
+    mask = torch.ones(2, V, dtype=torch.bool)
+    mask[0, 7] = False
+    masked = cache.get(rows, ["a", "b"], mask)
+    assert masked.greedy_mask is plain.greedy_mask and masked.temperature is plain.temperature
+    assert plain.allowed_token_mask is None and masked.allowed_token_mask is not None
+    assert unpack_token_mask(masked.allowed_token_mask, V).equal(mask)
+    assert cache.get(rows, ["a", "b"]) is plain  # the cached metadata itself has no mask
+    limited = _rows([SamplingParams(allowed_token_ids=[5, 6, 7]), SamplingParams()])
+    both = cache.get(limited, ["c", "d"], mask)
+    allowed = unpack_token_mask(both.allowed_token_mask, V)
+    assert allowed[0].nonzero().flatten().tolist() == [5, 6] and bool(allowed[1].all())

@@ -21,6 +21,8 @@ def test_cache_hits_and_changes_nothing(llama_dir: Any, tiny_tokenizer: Any) -> 
     cache = llm.llm_engine.runner.sampling_cache
     cached = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert cache.hits > 0
-    cache.get = lambda rows, ids: SamplingMetadata.build(rows, cache.vocab_size, cache.device)
+    cache.get = lambda rows, ids, mask=None: SamplingMetadata.build(
+        rows, cache.vocab_size, cache.device, mask
+    )
     fresh = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert cached == fresh
