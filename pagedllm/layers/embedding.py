@@ -6,8 +6,10 @@ later, a quantized method if a checkpoint quantizes its head). Tied models share
 
 Sharded layout (rank r of p): ``ceil(vocab / p)`` rows per rank, rank r holding token ids
 ``[r * rows, min((r + 1) * rows, vocab))`` and zero padding after the last one; with p = 1
-the shape is exactly [vocab, hidden]. The masked lookup + all-reduce (embedding) and the
-gather of logits (head) come with TP and raise ``NotImplementedError`` until then.
+the shape is exactly [vocab, hidden]. With p > 1 the embedding looks up only the ids in its
+range (zero rows for the others) and all-reduces, so every rank gets every token's row; the
+head computes its ``rows`` logit columns, all-gathers them in rank order and drops the
+padding columns, so every rank gets the full ``[T, vocab]`` logits (and can sample alike).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pagedllm.distributed import get_tp_group, get_tp_rank, get_tp_size
 from pagedllm.layers.quantization import (
     LinearMethodBase,
     QuantizationConfig,
     UnquantizedLinearMethod,
     get_linear_method,
 )
-from pagedllm.layers.tensor_parallel import get_tp_rank, get_tp_size
 from pagedllm.layers.weight_utils import copy_checked, param_label
 
 
@@ -77,10 +79,12 @@ class VocabParallelEmbedding(nn.Module):
         copy_checked(param.data[:rows], loaded.narrow(0, self.vocab_start, rows), what)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            # TODO(tp): look up ids in [vocab_start, vocab_end) shifted, zero others, all-reduce.
-            raise NotImplementedError("VocabParallelEmbedding needs an all-reduce for tp_size > 1")
-        return F.embedding(input_ids, self.weight)
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        rows = F.embedding(torch.where(mine, input_ids - self.vocab_start, 0), self.weight)
+        rows.masked_fill_(~mine.unsqueeze(-1), 0.0)
+        return get_tp_group(self.tp_size).all_reduce(rows)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -99,7 +103,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
-            # TODO(tp): gather the ranks' logits and drop the padding columns.
-            raise NotImplementedError("ParallelLMHead needs a gather for tp_size > 1")
-        return self.quant_method.apply(self, hidden, None)
+        logits = self.quant_method.apply(self, hidden, None)
+        if self.tp_size == 1:
+            return logits
+        return get_tp_group(self.tp_size).all_gather(logits, dim=-1)[..., : self.num_embeddings]

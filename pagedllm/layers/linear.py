@@ -5,18 +5,24 @@ register the weight parameters (dense ``weight`` by default; packed ones for GPT
 like) and computes ``forward`` through ``quant_method.apply``. The layer keeps only what
 depends on how it is sharded: the bias, and a ``weight_loader`` that every checkpoint-filled
 parameter carries, which cuts this rank's slice (``tp_rank`` / ``tp_size`` from
-``layers/tensor_parallel.py``, 0 / 1 for now) and, for fused layers, places each checkpoint
-part (q/k/v, gate/up) at its rows.
+``pagedllm.distributed``, read once at construction) and, for fused layers, places each
+checkpoint part (q/k/v, gate/up) at its rows. The collectives (row-parallel all-reduce,
+``gather_output``) go through ``get_tp_group()`` at forward time.
 
 Sharded layouts (rank r of p, with tp_size = p):
 
 * column-parallel: rank r holds output rows ``[r * N/p, (r+1) * N/p)``;
 * merged gate/up: rank r holds ``[gate_r; up_r]`` (each part column-split as above), so the
   activation's half split stays local;
-* q/k/v: rank r holds ``[q heads of r; k heads of r; v heads of r]`` (KV-head replication for
-  ``num_kv_heads < p`` is not implemented: a clear ``NotImplementedError``);
+* q/k/v: rank r holds ``[q heads of r; k heads of r; v heads of r]``; with fewer KV heads
+  than ranks (``p % num_kv_heads == 0``) each KV head is replicated on ``p / num_kv_heads``
+  consecutive ranks, rank r holding KV head ``r // (p / num_kv_heads)``, so that every
+  query head of rank r attends to the KV head it is grouped with in the unsharded model;
 * row-parallel: rank r holds input columns ``[r * K/p, (r+1) * K/p)``; partial outputs are
-  summed across ranks (the all-reduce comes with TP) and the bias is added once.
+  all-reduced (summed) across ranks and the bias is added once, by rank 0.
+
+Quantized (GPTQ / AWQ) sharded layers work at p = 1 only: at p > 1 construction raises
+``NotImplementedError`` (their group-indexed tensors are not cut per rank yet).
 """
 
 from __future__ import annotations
@@ -26,8 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.layers.quantization import QuantizationConfig, get_linear_method
-from pagedllm.layers.tensor_parallel import divide, get_tp_rank, get_tp_size
+from pagedllm.distributed import get_tp_group, get_tp_rank, get_tp_size
+from pagedllm.layers.quantization import (
+    QuantizationConfig,
+    UnquantizedLinearMethod,
+    get_linear_method,
+)
+from pagedllm.layers.tensor_parallel import divide
 from pagedllm.layers.weight_utils import (
     copy_checked,
     narrow_shard,
@@ -57,6 +68,15 @@ class LinearBase(nn.Module):
         self.tp_size = get_tp_size()
         self.quant_method = get_linear_method(quant_config, self, prefix)
         self.has_bias = bias
+
+    def _refuse_sharded_quantization(self) -> None:
+        """Quantized weights are only cut per rank at tp_size 1 (module docstring)."""
+        if self.tp_size > 1 and not isinstance(self.quant_method, UnquantizedLinearMethod):
+            raise NotImplementedError(
+                f"{self.prefix or type(self).__name__}: {type(self.quant_method).__name__} "
+                f"weights cannot be sharded over tensor_parallel_size={self.tp_size} yet; "
+                "quantized checkpoints run with tensor_parallel_size=1"
+            )
 
     def _create(self, input_per_partition: int, output_partition_sizes: list[int]) -> None:
         """Let the method register the weights, then add the (never quantized) bias."""
@@ -106,8 +126,8 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks: ``Y_r = X A_r^T`` with ``A_r`` rank r's rows.
 
-    ``gather_output`` (concatenating the ranks' outputs) needs TP communication; it is
-    only accepted with tp_size = 1 for now.
+    ``gather_output`` concatenates the ranks' outputs (an all-gather), so every rank gets
+    the full ``Y``; without it each rank keeps its columns for the next (row-parallel) layer.
     """
 
     def __init__(
@@ -120,6 +140,7 @@ class ColumnParallelLinear(LinearBase):
         **kw: Any,
     ) -> None:
         super().__init__(input_size, output_size, bias, **kw)
+        self._refuse_sharded_quantization()
         self.gather_output = gather_output
         self.output_sizes = output_sizes or [output_size]
         self.output_partition_sizes = [
@@ -138,22 +159,27 @@ class ColumnParallelLinear(LinearBase):
         copy_checked(param.data, loaded, what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
         if self.gather_output and self.tp_size > 1:
-            raise NotImplementedError("gather_output needs tensor-parallel communication")
-        return super().forward(x)
+            out = get_tp_group(self.tp_size).all_gather(out, dim=-1)
+        return out
 
 
 class _FusedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one GEMM, filled part by part.
 
     ``shard_ids`` name the checkpoint parts in output order; ``_shard_rows(shard_id)`` gives
-    a part's (first row, rows) within this rank's fused rows.
+    a part's (first row, rows) within this rank's fused rows, and ``_shard_slice(shard_id)``
+    which of how many equal slices of the part's checkpoint tensor this rank holds.
     """
 
     shard_ids: tuple[int | str, ...] = ()
 
     def _shard_rows(self, shard_id: int | str) -> tuple[int, int]:
         raise NotImplementedError
+
+    def _shard_slice(self, shard_id: int | str) -> tuple[int, int]:
+        return self.tp_rank, self.tp_size
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
@@ -190,7 +216,8 @@ class _FusedColumnParallelLinear(ColumnParallelLinear):
                 f"{factor} values packed per element along dim {dim}"
             )
         dst = param.data.narrow(dim, offset // factor, size // factor)
-        loaded = narrow_shard(loaded, dim, self.tp_rank, self.tp_size, dst, what)
+        index, num_slices = self._shard_slice(shard_id)
+        loaded = narrow_shard(loaded, dim, index, num_slices, dst, what)
         copy_checked(dst, loaded, what)
 
 
@@ -215,7 +242,9 @@ class MergedColumnParallelLinear(_FusedColumnParallelLinear):
 class QKVParallelLinear(_FusedColumnParallelLinear):
     """The fused q/k/v projection of an attention block (shard ids ``"q"``, ``"k"``, ``"v"``).
 
-    Query heads are split across ranks; so are KV heads when ``num_kv_heads >= tp_size``.
+    Query heads are split across ranks; so are KV heads when ``num_kv_heads >= tp_size``,
+    else each rank holds one KV head, replicated over ``kv_replicas`` ranks (module doc).
+    Counts that allow neither are a ``ValueError`` naming them.
     """
 
     shard_ids = ("q", "k", "v")
@@ -231,19 +260,25 @@ class QKVParallelLinear(_FusedColumnParallelLinear):
     ) -> None:
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         tp_size = get_tp_size()
-        if total_num_kv_heads < tp_size:
-            # TODO(tp): replicate KV heads (rank r loads kv head r // (tp_size // num_kv_heads)).
-            raise NotImplementedError(
-                f"{total_num_kv_heads} KV heads over tensor-parallel size {tp_size}: KV-head "
-                "replication is not implemented"
-            )
+        self.num_heads, self.num_kv_heads = split_attention_heads(
+            total_num_heads, total_num_kv_heads, tp_size, kw.get("prefix", "")
+        )
+        self.kv_replicas = max(1, tp_size // total_num_kv_heads)
         self.head_size = head_size
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
-        self.num_heads = divide(total_num_heads, tp_size, "number of attention heads")
-        self.num_kv_heads = divide(total_num_kv_heads, tp_size, "number of KV heads")
         q, kv = total_num_heads * head_size, total_num_kv_heads * head_size
-        super().__init__(hidden_size, q + 2 * kv, bias, output_sizes=[q, kv, kv], **kw)
+        # Per-rank part sizes ([q, kv, kv] / tp_size) do not hold under replication, so the
+        # parent gets totals that divide into exactly this rank's rows.
+        q_rank, kv_rank = self.num_heads * head_size, self.num_kv_heads * head_size
+        super().__init__(
+            hidden_size,
+            q + 2 * kv,
+            bias,
+            output_sizes=[q_rank * tp_size, kv_rank * tp_size, kv_rank * tp_size],
+            **kw,
+        )
+        self.output_sizes = [q, kv, kv]  # what a fused checkpoint tensor holds
 
     def _shard_rows(self, shard_id: int | str) -> tuple[int, int]:
         q_rows = self.num_heads * self.head_size
@@ -251,12 +286,36 @@ class QKVParallelLinear(_FusedColumnParallelLinear):
         starts = {"q": 0, "k": q_rows, "v": q_rows + kv_rows}
         return starts[shard_id], q_rows if shard_id == "q" else kv_rows
 
+    def _shard_slice(self, shard_id: int | str) -> tuple[int, int]:
+        if shard_id == "q":
+            return self.tp_rank, self.tp_size
+        return self.tp_rank // self.kv_replicas, self.tp_size // self.kv_replicas
+
+
+def split_attention_heads(
+    num_heads: int, num_kv_heads: int, tp_size: int, what: str = ""
+) -> tuple[int, int]:
+    """(query heads, KV heads) of one of ``tp_size`` ranks, or a ValueError naming the counts.
+
+    Query heads must divide evenly; KV heads too, or (fewer KV heads than ranks) ``tp_size``
+    must be a multiple of them so that each is replicated on the same number of ranks.
+    """
+    kv_ok = num_kv_heads % tp_size == 0 if num_kv_heads >= tp_size else tp_size % num_kv_heads == 0
+    if num_heads % tp_size or not kv_ok:
+        where = f"{what}: " if what else ""
+        raise ValueError(
+            f"{where}a model with {num_heads} attention heads and {num_kv_heads} KV heads "
+            f"cannot be split over tensor_parallel_size={tp_size}: the attention heads must "
+            "be divisible by it, and the KV heads divisible by it or a divisor of it."
+        )
+    return num_heads // tp_size, max(1, num_kv_heads // tp_size)
+
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks: ``Y = sum_r X_r A_r^T`` (+ bias once).
 
-    ``reduce_results`` (the all-reduce of the partial sums) needs TP communication; with
-    tp_size = 1 the partial sum is the result.
+    ``reduce_results`` all-reduces the partial sums so every rank gets ``Y``; without it the
+    caller reduces (e.g. after fusing more work into the same collective).
     """
 
     def __init__(
@@ -268,6 +327,7 @@ class RowParallelLinear(LinearBase):
         **kw: Any,
     ) -> None:
         super().__init__(input_size, output_size, bias, **kw)
+        self._refuse_sharded_quantization()
         self.reduce_results = reduce_results
         self.input_size_per_partition = divide(
             input_size, self.tp_size, f"{self.prefix or 'layer'} input size"
@@ -286,5 +346,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return self.quant_method.apply(self, x, self.bias)
-        # TODO(tp): bias on rank 0 only, then all-reduce the partial sums.
-        raise NotImplementedError("RowParallelLinear needs an all-reduce for tp_size > 1")
+        out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        return get_tp_group(self.tp_size).all_reduce(out) if self.reduce_results else out

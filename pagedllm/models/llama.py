@@ -5,6 +5,11 @@ logits are computed only for the rows the sampler needs. Projections are the par
 layers of ``layers/linear.py``: each is built with the checkpoint's quantization config and
 its module name (``prefix``), and loads its own checkpoint tensors; ``packed_modules`` tells
 the loader which checkpoint tensors are parts of a fused layer.
+
+One class serves every tensor-parallel size: the layers read the rank and size from
+``pagedllm.distributed`` when built, and the attention block takes its per-rank head counts
+from its q/k/v projection. A model whose head or MLP sizes cannot be split over the ranks
+fails at construction with a ``ValueError`` naming its numbers.
 """
 
 from __future__ import annotations
@@ -13,11 +18,17 @@ import torch
 from torch import nn
 
 from pagedllm.config import ArchitectureConfig
+from pagedllm.distributed import get_tp_size
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention.backend import AttentionMetadata
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    split_attention_heads,
+)
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
@@ -58,7 +69,7 @@ class LlamaAttention(nn.Module):
         self.rotary = RotaryEmbedding(
             self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-        # This rank's heads (all of them until tensor parallelism).
+        # This rank's heads (KV heads may be replicas shared with neighbouring ranks).
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
@@ -183,6 +194,7 @@ class LlamaForCausalLM(nn.Module):
         self, cfg: ArchitectureConfig, quant_config: QuantizationConfig | None = None
     ) -> None:
         super().__init__()
+        check_tensor_parallel_split(cfg, get_tp_size())
         self.config = cfg
         self.quant_config = quant_config
         self.model = LlamaModel(
@@ -205,3 +217,15 @@ class LlamaForCausalLM(nn.Module):
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral's dense models are Llama-shaped (sliding window unused by the shipped configs)."""
+
+
+def check_tensor_parallel_split(cfg: ArchitectureConfig, tp_size: int) -> None:
+    """Refuse, naming the model's numbers, a ``tp_size`` its heads or MLP cannot be split over."""
+    split_attention_heads(
+        cfg.num_attention_heads, cfg.num_key_value_heads, tp_size, cfg.architecture
+    )
+    if cfg.intermediate_size % tp_size:
+        raise ValueError(
+            f"{cfg.architecture}: intermediate_size {cfg.intermediate_size} is not divisible "
+            f"by tensor_parallel_size={tp_size}."
+        )

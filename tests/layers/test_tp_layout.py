@@ -75,8 +75,8 @@ def test_qkv_rank_holds_its_heads(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(layer.weight, want)
     with pytest.raises(ValueError, match=r"expects shape \(4, 4\).*\(2, 4\)"):
         _load(ranks[1].weight, k[:2], "k")  # a pre-sharded tensor is rejected, not misplaced
-    with pytest.raises(NotImplementedError, match="KV-head replication"):
-        _ranks(monkeypatch, lambda: QKVParallelLinear(4, head, heads, 1))
+    with pytest.raises(ValueError, match="4 attention heads and 3 KV heads"):
+        _ranks(monkeypatch, lambda: QKVParallelLinear(4, head, heads, 3))
 
 
 def test_row_parallel_partials_sum_to_full(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,8 +90,8 @@ def test_row_parallel_partials_sum_to_full(monkeypatch: pytest.MonkeyPatch) -> N
         for r, layer in enumerate(ranks)
     ]
     assert torch.allclose(sum(parts), F.linear(x, w, b), atol=1e-6)
-    with pytest.raises(NotImplementedError, match="all-reduce"):
-        ranks[0](x[:, :4])
+    with pytest.raises(RuntimeError, match="group of 1 rank"):
+        ranks[0](x[:, :4])  # built for 2 ranks, no process group joined
 
 
 def test_vocab_rows_split_with_padding(monkeypatch: pytest.MonkeyPatch) -> None:

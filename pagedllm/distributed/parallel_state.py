@@ -1,0 +1,131 @@
+"""The tensor-parallel group of this process: rank, world size and its two collectives.
+
+One module-level :class:`TensorParallelGroup` stands for "the ranks one model is split over".
+It starts as a single rank (every collective returns its input unchanged), and
+:func:`init_tensor_parallel` replaces it after joining a ``torch.distributed`` process group
+(gloo on CPU, NCCL on CUDA). Today the TP group is the whole world; data-parallel replicas
+are separate engines, each with its own world, so no sub-groups are needed yet.
+
+``torch.distributed`` is imported only inside the functions that use it, so importing this
+package (which every layer does) costs nothing beyond torch itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TensorParallelGroup:
+    """``world_size`` ranks that hold slices of one model; ``rank`` is this process's.
+
+    ``group`` is the ``torch.distributed`` process group (``None`` for the default one, or for
+    a single rank, where no collective runs).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group: Any = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over the ranks (in place; returns it)."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along ``dim`` in rank order (same shapes)."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        tensor = tensor.contiguous()
+        if tensor.is_cuda:  # one flat buffer: NCCL's fast path
+            flat = tensor.new_empty((self.world_size, *tensor.shape))
+            dist.all_gather_into_tensor(flat, tensor, group=self.group)
+            parts = list(flat.unbind(0))
+        else:
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor, group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def __repr__(self) -> str:
+        return f"TensorParallelGroup(rank={self.rank}, world_size={self.world_size})"
+
+
+_SINGLE = TensorParallelGroup()
+_tp_group: TensorParallelGroup = _SINGLE
+
+
+def get_tp_group(world_size: int | None = None) -> TensorParallelGroup:
+    """This process's tensor-parallel group (a single rank unless initialized).
+
+    A layer passes the ``world_size`` it was built for: a mismatch (a model built for other
+    ranks than this process joined) is a ``RuntimeError``, not a silently partial result.
+    """
+    if world_size is not None and world_size != _tp_group.world_size:
+        raise RuntimeError(
+            f"a layer built for tensor_parallel_size={world_size} runs in a tensor-parallel "
+            f"group of {_tp_group.world_size} rank(s); call init_tensor_parallel before "
+            "building the model"
+        )
+    return _tp_group
+
+
+def get_tp_rank() -> int:
+    """This process's rank in the tensor-parallel group."""
+    return _tp_group.rank
+
+
+def get_tp_size() -> int:
+    """The number of ranks the model is split over."""
+    return _tp_group.world_size
+
+
+def init_tensor_parallel(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    backend: str | None = None,
+    device: torch.device | str = "cpu",
+) -> TensorParallelGroup:
+    """Join a ``world_size``-rank process group as ``rank`` and make it the TP group.
+
+    ``init_method`` is a ``torch.distributed`` rendezvous (``tcp://127.0.0.1:PORT`` or
+    ``file:///path``); ``backend`` defaults to NCCL for a CUDA ``device``, else gloo. With
+    ``world_size`` 1 nothing is initialized. Call before building the model: layers read
+    their rank and size at construction.
+    """
+    global _tp_group
+    if _tp_group.world_size > 1:
+        raise RuntimeError(f"tensor parallelism is already initialized ({_tp_group}).")
+    if world_size == 1:
+        _tp_group = TensorParallelGroup(rank, 1)
+        return _tp_group
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+    _tp_group = TensorParallelGroup(rank, world_size)
+    return _tp_group
+
+
+def destroy_tensor_parallel() -> None:
+    """Leave the process group (if any) and fall back to a single rank."""
+    global _tp_group
+    if _tp_group.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _tp_group = _SINGLE
