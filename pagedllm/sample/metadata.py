@@ -166,22 +166,7 @@ class SamplingMetadata:
         freqs = [r.params.frequency_penalty for r in pen]
         has_rep = any(x != 1.0 for x in reps)
         has_out = any(x != 0.0 for x in pres) or any(x != 0.0 for x in freqs)
-        prompt_ids = _pad([r.prompt_token_ids for r in pen], v, device) if has_rep else None
-        output_ids = _pad([r.output_token_ids for r in pen], v, device) if pen else None
-
-        mt_rows: list[int] = []
-        mt_toks: list[int] = []
-        for i, r in enumerate(rows):
-            done = len(r.output_token_ids) if r.num_output_tokens is None else r.num_output_tokens
-            if done < r.params.min_tokens:
-                stops = sorted(t for t in r.params.all_stop_token_ids if 0 <= t < v)
-                mt_rows.extend([i] * len(stops))
-                mt_toks.extend(stops)
-            for word in r.params._bad_words_token_ids if r.params.bad_words else ():
-                if _completes(r.output_token_ids, word) and 0 <= word[-1] < v:
-                    mt_rows.append(i)
-                    mt_toks.append(word[-1])
-        has_mt = bool(mt_rows)
+        history = history_fields(rows, history_rows(rows), v, device)
         allowed_token_mask = _with_allowed_ids(allowed_token_mask, rows, v)
 
         lb_rows, lb_toks, lb_vals = _logit_bias_coords(rows, v)
@@ -210,10 +195,7 @@ class SamplingMetadata:
             repetition_penalties=f32(reps) if has_rep else None,
             presence_penalties=f32(pres) if has_out else None,
             frequency_penalties=f32(freqs) if has_out else None,
-            prompt_token_ids=prompt_ids,
-            output_token_ids=output_ids,
-            banned_rows=(h2d(mt_rows, torch.int64, device) if has_mt else None),
-            banned_tokens=(h2d(mt_toks, torch.int64, device) if has_mt else None),
+            **history,
             max_num_logprobs=max(requested) if requested else None,
             allowed_token_mask=mask,
             logit_bias_rows=h2d(lb_rows, torch.int64, device) if has_lb else None,
@@ -225,11 +207,13 @@ class SamplingMetadata:
 class SamplingMetadataCache:
     """Reuses the last step's ``SamplingMetadata`` while the batch's rows stay the same.
 
-    In steady decoding most steps sample the same sequences as the step before, and for rows
-    whose settings do not depend on their token history (no penalties, no ``min_tokens``) the
-    metadata is then identical: every per-row tensor is already on the device. The cache key is
-    the ordered sequence ids plus the very ``SamplingParams`` objects (held by the cache, so an
-    id reused by a new request with new settings is never mistaken for the old one).
+    In steady decoding most steps sample the same sequences as the step before, and the
+    metadata is then identical except for the fields that follow token histories (penalized
+    rows' tokens, ``min_tokens`` and bad-word bans): those are rebuilt from their own rows
+    only, so one penalized request among hundreds costs its row, not a rebuild of the batch.
+    The cache key is the ordered sequence ids plus the very ``SamplingParams`` objects (held
+    by the cache, so an id reused by a new request with new settings is never mistaken for
+    the old one).
     """
 
     def __init__(self, vocab_size: int, device: torch.device) -> None:
@@ -238,6 +222,7 @@ class SamplingMetadataCache:
         self._ids: list[str] = []
         self._params: list[SamplingParams] = []
         self._meta: SamplingMetadata | None = None
+        self._history_rows: list[int] = []  # rows of the cached batch that read their history
         self.hits = 0
 
     def get(
@@ -259,11 +244,50 @@ class SamplingMetadataCache:
             and all(a is b for a, b in zip(params, self._params, strict=True))
         ):
             self.hits += 1
-            return meta
+            if not self._history_rows:
+                return meta
+            # Only the history-dependent fields are rebuilt, from their own rows.
+            fields = history_fields(rows, self._history_rows, self.vocab_size, self.device)
+            return dataclasses.replace(meta, **fields)
         meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
-        static = not any(p.reads_history for p in params)
-        self._ids, self._params, self._meta = (ids, params, meta) if static else ([], [], None)
+        self._ids, self._params, self._meta = ids, params, meta
+        self._history_rows = history_rows(rows)
         return meta
+
+
+def history_rows(rows: list[SamplingRow]) -> list[int]:
+    """Indices of the rows whose metadata changes as they generate (``reads_history``)."""
+    return [i for i, r in enumerate(rows) if r.params.reads_history]
+
+
+def history_fields(
+    rows: list[SamplingRow], idx: list[int], vocab_size: int, device: torch.device
+) -> dict[str, torch.Tensor | None]:
+    """The metadata fields that follow the rows' token histories, from the rows ``idx``
+    (``history_rows``): the penalized rows' token ids, and this step's banned tokens
+    (``min_tokens``' stop ids, the last token of a bad word about to complete)."""
+    v = vocab_size
+    pen = [rows[i] for i in idx if rows[i].params.has_penalties]
+    has_rep = any(r.params.repetition_penalty != 1.0 for r in pen)
+    banned_rows: list[int] = []
+    banned_tokens: list[int] = []
+    for i in idx:
+        r = rows[i]
+        done = len(r.output_token_ids) if r.num_output_tokens is None else r.num_output_tokens
+        if done < r.params.min_tokens:
+            stops = sorted(t for t in r.params.all_stop_token_ids if 0 <= t < v)
+            banned_rows.extend([i] * len(stops))
+            banned_tokens.extend(stops)
+        for word in r.params._bad_words_token_ids if r.params.bad_words else ():
+            if _completes(r.output_token_ids, word) and 0 <= word[-1] < v:
+                banned_rows.append(i)
+                banned_tokens.append(word[-1])
+    return {
+        "prompt_token_ids": _pad([r.prompt_token_ids for r in pen], v, device) if has_rep else None,
+        "output_token_ids": _pad([r.output_token_ids for r in pen], v, device) if pen else None,
+        "banned_rows": h2d(banned_rows, torch.int64, device) if banned_rows else None,
+        "banned_tokens": h2d(banned_tokens, torch.int64, device) if banned_rows else None,
+    }
 
 
 def _completes(output: list[int], word: list[int]) -> bool:

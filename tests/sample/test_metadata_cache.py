@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from pagedllm.sample.metadata import SamplingMetadataCache, SamplingRow
+from pagedllm.sample.metadata import SamplingMetadata, SamplingMetadataCache, SamplingRow
 from pagedllm.sample.token_mask import unpack_token_mask
 from pagedllm.sampling_params import SamplingParams
 
@@ -34,12 +34,29 @@ def test_reused_for_the_same_rows_only() -> None:
     assert fresh is not again and fresh.top_k is not None and fresh.top_k.tolist() == [3, V]
 
 
-def test_history_dependent_rows_are_never_reused() -> None:
-    for dynamic in (SamplingParams(repetition_penalty=1.2), SamplingParams(min_tokens=3)):
-        cache = SamplingMetadataCache(V, CPU)
-        rows = _rows([SamplingParams(), dynamic])
-        first = cache.get(rows, ["a", "b"])
-        assert cache.get(rows, ["a", "b"]) is not first and cache.hits == 0
+def test_history_dependent_fields_are_rebuilt_on_a_hit() -> None:
+    """Rows whose metadata follows their tokens (penalties, min_tokens) reuse the cached
+    static tensors, while their history fields are rebuilt from this step's tokens."""
+    cache = SamplingMetadataCache(V, CPU)
+    pen = SamplingParams(repetition_penalty=1.2)
+    mt = SamplingParams(min_tokens=3)
+    mt.update_from_generation_config({0})
+    plain = SamplingParams()
+    step1 = [SamplingRow(plain, [1], [3], None), SamplingRow(pen, [1, 2], [3], None),
+             SamplingRow(mt, [1], [3], None)]  # fmt: skip
+    first = cache.get(step1, ["a", "b", "c"])
+    assert first.banned_rows is not None and first.banned_rows.tolist() == [2]
+    step2 = [SamplingRow(plain, [1], [3, 4], None), SamplingRow(pen, [1, 2], [3, 9], None),
+             SamplingRow(mt, [1], [3, 4, 5], None)]  # fmt: skip
+    second = cache.get(step2, ["a", "b", "c"])
+    assert cache.hits == 1 and second.greedy_mask is first.greedy_mask
+    assert second.penalty_rows is first.penalty_rows  # static: reused
+    assert second.output_token_ids is not None and second.output_token_ids.tolist() == [[3, 9]]
+    assert second.banned_rows is None  # min_tokens reached
+    fresh = SamplingMetadata.build(step2, V, CPU)
+    for name in ("prompt_token_ids", "output_token_ids", "banned_rows", "banned_tokens"):
+        a, b = getattr(second, name), getattr(fresh, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
 
 
 def test_grammar_mask_rides_on_the_cached_rows() -> None:

@@ -17,6 +17,10 @@ def test_cache_hits_and_changes_nothing(llama_dir: Any, tiny_tokenizer: Any) -> 
         SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=6 + 2 * i, ignore_eos=True)
         for i in range(5)
     ]
+    # Rows whose metadata follows their tokens: rebuilt fields on cache hits.
+    params[1].repetition_penalty = 1.5
+    params[2].frequency_penalty, params[2].presence_penalty = 0.8, 0.5
+    params[3].min_tokens, params[3].ignore_eos = 5, False
     llm = LLM(str(llama_dir), max_num_seqs=3)  # finishing ones make room for waiting ones
     cache = llm.llm_engine.runner.sampling_cache
     cached = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
