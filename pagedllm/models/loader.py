@@ -6,7 +6,8 @@ layer, with the part's shard id) and hands the tensor to that parameter's own
 ``weight_loader``, which knows its slice (fused part, tensor-parallel rank, packed
 quantized layout); parameters without one get ``default_weight_loader``. After loading,
 each layer's quantization method may post-process its weights. Tensor parallelism and
-quantized checkpoints plug in through the layers, not here.
+quantized checkpoints plug in through the layers, not here: the loader hands out
+memory-mapped views, so a rank's loaders read only the slices they keep.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from pagedllm.config import EngineConfig
 from pagedllm.layers.quantization import get_quant_config
 from pagedllm.layers.weight_utils import default_weight_loader
 from pagedllm.models.registry import get_model_cls
+from pagedllm.models.safetensors_mmap import iter_safetensors_views
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, as a view of its memory-mapped file: a weight loader
+    that narrows it to its rank's slice reads only that slice (``safetensors_mmap.py``)."""
     for file in _safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+        yield from iter_safetensors_views(file)
 
 
 def _packed_target(
