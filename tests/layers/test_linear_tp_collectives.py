@@ -1,4 +1,5 @@
-"""Sharded layers with their collectives on two gloo ranks equal the unsharded layer.
+"""Sharded layers with their collectives on two gloo ranks equal the unsharded layer; KV
+heads replicated when there are fewer than ranks.
 
 ``test_tp_layout.py`` checks which slice each rank loads; here the forward passes run for
 real: row-parallel (bias added once, partial sums all-reduced), column-parallel with
@@ -10,16 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn import functional as F
 
+from pagedllm.distributed import TensorParallelGroup, parallel_state
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tests.distributed.tp_harness import spawn_ranks
 
 
 def _load(param: torch.nn.Parameter, tensor: torch.Tensor) -> None:
     param.weight_loader(param, tensor)  # type: ignore[attr-defined]
+
+
+def _load_part(param: torch.nn.Parameter, tensor: torch.Tensor, shard_id: str) -> None:
+    param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]
 
 
 def _layers_match_unsharded(rank: int, world_size: int) -> None:
@@ -51,3 +58,24 @@ def _layers_match_unsharded(rank: int, world_size: int) -> None:
 
 def test_sharded_layers_on_two_ranks(tmp_path: Path) -> None:
     spawn_ranks(_layers_match_unsharded, 2, tmp_path)
+
+
+def test_fewer_kv_heads_than_ranks_replicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 query heads, 2 KV heads, 4 ranks: rank r holds query head r and KV head r // 2
+    (the one its query head is grouped with at TP=1), from parts or a fused tensor."""
+    head, hidden = 2, 4
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n * head, hidden, generator=gen) for n in (4, 2, 2))
+    for rank in range(4):
+        monkeypatch.setattr(parallel_state, "_tp_group", TensorParallelGroup(rank, 4))
+        parts, fused = (QKVParallelLinear(hidden, head, 4, 2, bias=True) for _ in range(2))
+        assert (parts.num_heads, parts.num_kv_heads, parts.kv_replicas) == (1, 1, 2)
+        for sid, t in (("q", q), ("k", k), ("v", v)):
+            _load_part(parts.weight, t, sid)
+            _load_part(parts.bias, t[:, 0], sid)
+        _load(fused.weight, torch.cat([q, k, v]))
+        _load(fused.bias, torch.cat([q, k, v])[:, 0])
+        kv = slice(rank // 2 * head, (rank // 2 + 1) * head)
+        want = torch.cat([q[rank * head : (rank + 1) * head], k[kv], v[kv]])
+        for layer in (parts, fused):
+            assert torch.equal(layer.weight, want) and torch.equal(layer.bias, want[:, 0])
