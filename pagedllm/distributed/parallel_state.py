@@ -99,9 +99,10 @@ def init_tensor_parallel(
     """Join a ``world_size``-rank process group as ``rank`` and make it the TP group.
 
     ``init_method`` is a ``torch.distributed`` rendezvous (``tcp://127.0.0.1:PORT`` or
-    ``file:///path``); ``backend`` defaults to NCCL for a CUDA ``device``, else gloo. With
-    ``world_size`` 1 nothing is initialized. Call before building the model: layers read
-    their rank and size at construction.
+    ``file:///path``); ``backend`` defaults to NCCL for a CUDA ``device`` (one without an
+    index means ``cuda:<rank>``, the ranks of one host), else gloo. With ``world_size`` 1
+    nothing is initialized. Call before building the model: layers read their rank and size
+    at construction.
     """
     global _tp_group
     if _tp_group.world_size > 1:
@@ -114,7 +115,7 @@ def init_tensor_parallel(
     device = torch.device(device)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(rank if device.index is None else device.index)
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
     _tp_group = TensorParallelGroup(rank, world_size)
     return _tp_group
