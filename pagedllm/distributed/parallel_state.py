@@ -31,13 +31,20 @@ class TensorParallelGroup:
         self.world_size = world_size
         self.group = group
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The element-wise sum of ``tensor`` over the ranks (in place; returns it)."""
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``tensor`` reduced element-wise over the ranks (in place; returns it).
+
+        ``op``: "sum" (row-parallel partial outputs), "min" or "max" (e.g. the KV-cache
+        block count every rank can hold).
+        """
         if self.world_size == 1:
             return tensor
         import torch.distributed as dist
 
-        dist.all_reduce(tensor, group=self.group)
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        if op not in ops:
+            raise ValueError(f"unknown all-reduce op {op!r} (expected one of {sorted(ops)})")
+        dist.all_reduce(tensor, op=ops[op], group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:

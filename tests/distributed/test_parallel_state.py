@@ -46,6 +46,11 @@ def _collectives(rank: int, world_size: int) -> None:
     assert (get_tp_rank(), get_tp_size()) == (rank, world_size)
     summed = group.all_reduce(torch.full((2, 3), float(rank + 1)))
     assert torch.equal(summed, torch.full((2, 3), float(sum(range(1, world_size + 1)))))
+    blocks = group.all_reduce(torch.tensor([100 - rank, rank]), op="min")
+    assert blocks.tolist() == [101 - world_size, 0]
+    assert group.all_reduce(torch.tensor([rank]), op="max").tolist() == [world_size - 1]
+    with pytest.raises(ValueError, match="unknown all-reduce op 'avg'"):
+        group.all_reduce(torch.zeros(1), op="avg")
     mine = torch.arange(6.0).view(2, 3) + 10 * rank
     parts = [torch.arange(6.0).view(2, 3) + 10 * r for r in range(world_size)]
     assert torch.equal(group.all_gather(mine, dim=-1), torch.cat(parts, dim=-1))
