@@ -101,7 +101,14 @@ class StructuredOutputManager:
                 f"structured outputs ({params.kind}): compiling the constraint took longer "
                 f"than {self.compile_timeout_s:g} s; simplify it."
             )
-        grammar = future.result()  # the backend's ValueError, if it did not compile
+        try:
+            grammar = future.result()  # the backend's ValueError, if it did not compile
+        except ValueError:
+            raise
+        except Exception as e:  # a backend failure is still this request's, never the engine's
+            raise ValueError(
+                f"structured outputs ({params.kind}): compiling the constraint failed: {e!r}"
+            ) from e
         key = params.key()
         self._cache[key] = grammar
         self._cache.move_to_end(key)

@@ -147,3 +147,16 @@ def test_compile_time_limit(tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
         mgr.compile(StructuredOutputsParams(regex="slow"))
     assert mgr.compile(StructuredOutputsParams(regex="fast")) is not None  # another thread
     release.set()
+
+
+def test_a_backend_crash_is_the_requests_error(tiny_tokenizer: Any) -> None:
+    """Whatever a compilation raises reaches the request as a ValueError (a 400), never the
+    engine loop as another exception."""
+    mgr = StructuredOutputManager(tiny_tokenizer, len(tiny_tokenizer), [0])
+
+    def broken(params: StructuredOutputsParams) -> Any:
+        raise RuntimeError("backend bug")
+
+    mgr.backend.compile = broken  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="compiling the constraint failed: RuntimeError"):
+        mgr.compile(StructuredOutputsParams(regex="x"))
