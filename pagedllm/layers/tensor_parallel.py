@@ -1,23 +1,11 @@
-"""Tensor-parallel rank and world size as the sharded layers see them (fixed at 0 / 1 for now).
+"""Shape arithmetic for tensor-parallel layers.
 
-Every parallel layer (``linear.py``, ``embedding.py``) reads ``tp_rank`` / ``tp_size`` from
-here once, at construction, and stores them on itself; its weight loaders then cut their
-shard with ``narrow(dim, tp_rank * shard, shard)``. Adding tensor parallelism is a matter of
-making these two functions return the process group's values (and adding the collectives
-that the layers mark with ``NotImplementedError``), not of touching the loaders or models.
+The rank and world size live in ``pagedllm.distributed`` (the process group); every parallel
+layer (``linear.py``, ``embedding.py``) reads them once, at construction, and its weight
+loaders cut their shard with ``narrow(dim, tp_rank * shard, shard)``.
 """
 
 from __future__ import annotations
-
-
-def get_tp_rank() -> int:
-    """This process's rank in the tensor-parallel group (always 0 until TP lands)."""
-    return 0
-
-
-def get_tp_size() -> int:
-    """The tensor-parallel world size (always 1 until TP lands)."""
-    return 1
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
