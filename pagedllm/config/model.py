@@ -105,9 +105,9 @@ class ModelConfig:
             self.model = str(DEMO_MODEL_DIR)
         path = Path(os.path.expanduser(self.model))
         if path.is_file() and path.suffix == ".gguf":
-            # A GGUF file: its metadata as a Hugging Face directory (models/gguf.py); the
+            # A GGUF file: its metadata as a Hugging Face directory (config/gguf_file.py); the
             # weights are read from the file itself at load.
-            from pagedllm.models.gguf import gguf_model_dir
+            from pagedllm.config.gguf_file import gguf_model_dir
 
             self.gguf_file = str(path)
             self.model = str(path)
