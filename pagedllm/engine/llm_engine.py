@@ -127,6 +127,28 @@ class LLMEngine:
         arrival: float,
         priority: int,
     ) -> None:
+        seqs = self._sequences(request_id, params, inp, arrival, priority)
+        if params.structured_outputs is not None:
+            for seq in seqs:
+                self.structured_output.add_sequence(seq.seq_id, params.structured_outputs)
+        try:
+            self.scheduler.add_sequence(seqs[0])  # raises if it can never fit
+        except ValueError:
+            for seq in seqs:
+                self.structured_output.remove_sequence(seq.seq_id)
+            raise
+        self._groups[request_id] = [s.seq_id for s in seqs]
+        self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
+
+    def _sequences(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        inp: ProcessedInput,
+        arrival: float,
+        priority: int,
+    ) -> list[Sequence]:
+        """The n sequences of one request (siblings wait as the first one's pending forks)."""
         prompt_ids = inp.prompt_token_ids
         seqs = [
             Sequence(
@@ -143,17 +165,7 @@ class LLMEngine:
             for i in range(params.n)
         ]
         seqs[0].pending_forks = seqs[1:]
-        if params.structured_outputs is not None:
-            for seq in seqs:
-                self.structured_output.add_sequence(seq.seq_id, params.structured_outputs)
-        try:
-            self.scheduler.add_sequence(seqs[0])  # raises if it can never fit
-        except ValueError:
-            for seq in seqs:
-                self.structured_output.remove_sequence(seq.seq_id)
-            raise
-        self._groups[request_id] = [s.seq_id for s in seqs]
-        self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
+        return seqs
 
     def _admit_compiled(self) -> None:
         """Queue the requests whose grammar is now compiled; a failed or late one becomes a
@@ -182,8 +194,18 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | SequenceOf[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        for rid in ids:  # its compilation may go on; its result is never used
-            self._awaiting_grammar.pop(rid, None)
+        for rid in ids:
+            w = self._awaiting_grammar.pop(rid, None)
+            if w is not None:  # never queued: it ends at the next step with an "abort" output
+                # (its compilation may go on; its result is never used)
+                seqs = self._sequences(rid, w.params, w.inp, w.arrival, w.priority)
+                for seq in seqs:
+                    seq.status = SequenceStatus.FINISHED_ABORTED
+                self._groups[rid] = [seq.seq_id for seq in seqs]
+                self.output_processor.add_request(
+                    w.prompt if isinstance(w.prompt, str) else None, seqs
+                )
+                self.output_processor.finish(seqs)
         seq_ids = [sid for rid in ids for sid in self._groups.get(rid, [])]
         done = self.scheduler.finish_sequences(seq_ids, SequenceStatus.FINISHED_ABORTED)
         self._pending_finished.extend(done)

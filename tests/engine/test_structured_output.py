@@ -223,7 +223,8 @@ def test_grammar_compiles_aside_while_others_step(llm: LLM, tiny_tokenizer: Any)
     """With ``wait_for_grammar=False`` (the serving loop) a request whose grammar is compiling
     waits aside while the others' steps go on; once compiled it runs and gives what a request
     whose grammar was compiled at once gives. Failures come back from
-    ``take_request_errors``; an aborted waiting request never runs."""
+    ``take_request_errors``; an aborted waiting request never runs and ends with an "abort"
+    output, as any aborted request does."""
     import threading
 
     engine = llm.llm_engine
@@ -248,11 +249,16 @@ def test_grammar_compiles_aside_while_others_step(llm: LLM, tiny_tokenizer: Any)
         engine.add_request("waits", prompt, constrained, wait_for_grammar=False)
         engine.add_request("aborted", prompt, constrained, wait_for_grammar=False)
         engine.abort_request("aborted")
-        for _ in range(3):
-            assert {o.request_id for o in engine.step()} <= {"free"}
+        got: dict[str, Any] = {}
+        for _ in range(3):  # "waits" waits for its grammar; the others go on
+            got.update((o.request_id, o) for o in engine.step())
+            assert "waits" not in got
         release.set()
-        got = _drain(engine)
-        assert set(got) == {"free", "waits"} and engine.take_request_errors() == []
+        got.update(_drain(engine))
+        assert set(got) == {"free", "waits", "aborted"} and engine.take_request_errors() == []
+        aborted = got.pop("aborted")  # ended at once, never run
+        assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+        assert list(aborted.outputs[0].token_ids) == []
         assert len(got["free"].outputs[0].token_ids) == 8
         text = got["waits"].outputs[0].text
         assert re.fullmatch(regex, text), text
