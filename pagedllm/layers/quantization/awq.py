@@ -73,32 +73,18 @@ class AWQLinearMethod(WeightOnlyLinearMethod):
         k, n, pf = input_size_per_partition, sum(output_partition_sizes), self.pack_factor
         self.check_output_packing(layer, output_partition_sizes)
         groups = self.num_groups(k, layer)
-        group_dim = {} if self.group_size == -1 else {"input_dim": 0}
-        packed_out = {"output_dim": 1, "packed_dim": 1, "packed_factor": pf}
         register_param(
             layer,
             "qweight",
             torch.zeros(k, n // pf, dtype=torch.int32),
-            {"input_dim": 0, **packed_out} | extra_weight_attrs,
+            {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "packed_factor": pf}
+            | extra_weight_attrs,
         )
-        register_param(
-            layer,
-            "qzeros",
-            torch.zeros(groups, n // pf, dtype=torch.int32),
-            {**group_dim, **packed_out} | extra_weight_attrs,
-        )
-        register_param(
-            layer,
-            "scales",
-            torch.zeros(groups, n, dtype=params_dtype),
-            {**group_dim, "output_dim": 1} | extra_weight_attrs,
-        )
+        self.register_zeros_and_scales(layer, groups, n, params_dtype, extra_weight_attrs)
 
     def checkpoint_values(
         self, layer: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = unpack_cols(layer.qweight, self.bits, AWQ_ORDER)
         zeros = unpack_cols(layer.qzeros, self.bits, AWQ_ORDER)
-        k = q.shape[0]
-        group = k if self.group_size == -1 else self.group_size
-        return q, zeros, torch.arange(k, device=q.device) // group
+        return q, zeros, self.group_index(q.shape[0], q.device)

@@ -91,8 +91,6 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
         check_divisible(k, pf, f"{self._name(layer)} input size", f"{pf} values per word")
         self.check_output_packing(layer, output_partition_sizes)
         groups = self.num_groups(k, layer)
-        # Scales and zeros of a single group (-1) cover every input: no input_dim to shard.
-        group_dim = {} if self.group_size == -1 else {"input_dim": 0}
         register_param(
             layer,
             "qweight",
@@ -100,27 +98,12 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
             {"input_dim": 0, "output_dim": 1, "packed_dim": 0, "packed_factor": pf}
             | extra_weight_attrs,
         )
-        register_param(
-            layer,
-            "qzeros",
-            torch.zeros(groups, n // pf, dtype=torch.int32),
-            {**group_dim, "output_dim": 1, "packed_dim": 1, "packed_factor": pf}
-            | extra_weight_attrs,
-        )
-        register_param(
-            layer,
-            "scales",
-            torch.zeros(groups, n, dtype=params_dtype),
-            {**group_dim, "output_dim": 1} | extra_weight_attrs,
-        )
+        self.register_zeros_and_scales(layer, groups, n, params_dtype, extra_weight_attrs)
         layer_loader = extra_weight_attrs["weight_loader"]
-        trivial = torch.arange(k, dtype=torch.int32) // (
-            k if self.group_size == -1 else self.group_size
-        )
         register_param(
             layer,
             "g_idx",
-            trivial,
+            self.group_index(k).to(torch.int32),
             {
                 "input_dim": 0,
                 "weight_loader": _SameForEveryPart(layer_loader),
@@ -138,10 +121,7 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
         return q, gptq_zeros(layer.qzeros, self.bits), layer.g_idx.long()
 
     def packed_as_is(self, layer: nn.Module) -> torch.Tensor | None:
-        k = layer.g_idx.shape[0]
-        trivial = torch.arange(k, device=layer.g_idx.device) // (
-            k if self.group_size == -1 else self.group_size
-        )
+        trivial = self.group_index(layer.g_idx.shape[0], layer.g_idx.device)
         return layer.qweight.data if torch.equal(layer.g_idx.long(), trivial) else None
 
     def zero_points(self, layer: nn.Module) -> torch.Tensor:

@@ -80,6 +80,37 @@ class WeightOnlyLinearMethod(LinearMethodBase):
         )
         return input_size_per_partition // self.group_size
 
+    def group_index(self, input_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Each input row's group without act-order: ``row // group_size`` (all 0 for -1)."""
+        group = input_size if self.group_size == -1 else self.group_size
+        return torch.arange(input_size, device=device) // group
+
+    def register_zeros_and_scales(
+        self,
+        layer: nn.Module,
+        groups: int,
+        n: int,
+        params_dtype: torch.dtype,
+        extra_weight_attrs: dict[str, Any],
+    ) -> None:
+        """``qzeros`` (packed along the outputs) and ``scales``, one row per input group; both
+        formats store them this way. One group (-1) covers every input: no input_dim to shard."""
+        group_dim = {} if self.group_size == -1 else {"input_dim": 0}
+        pf = self.pack_factor
+        register_param(
+            layer,
+            "qzeros",
+            torch.zeros(groups, n // pf, dtype=torch.int32),
+            {**group_dim, "output_dim": 1, "packed_dim": 1, "packed_factor": pf}
+            | extra_weight_attrs,
+        )
+        register_param(
+            layer,
+            "scales",
+            torch.zeros(groups, n, dtype=params_dtype),
+            {**group_dim, "output_dim": 1} | extra_weight_attrs,
+        )
+
     def check_output_packing(self, layer: nn.Module, output_partition_sizes: list[int]) -> None:
         """Every fused part must start and end on a packed word of the output dimension."""
         for i, size in enumerate(output_partition_sizes):
