@@ -1,9 +1,8 @@
 """Real HTTP servers for the native-route and ``pagedllm.lang`` tests.
 
-``serve_in_thread``: ``build_app`` plus ``register_native_routes`` around a started ``AsyncLLM``
-(its own engine process), under uvicorn in a thread on a free loopback port.
-``serve_subprocess``: the ``pagedllm serve`` command line in a process of its own, its
-``build_app`` extended with the native routes.
+``serve_in_thread``: ``build_app`` (which registers the native routes) around a started
+``AsyncLLM`` (its own engine process), under uvicorn in a thread on a free loopback port.
+``serve_subprocess``: the ``pagedllm serve`` command line in a process of its own.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ def serve_in_thread(
     from pagedllm.config import EngineConfig
     from pagedllm.engine.async_llm import AsyncLLM
     from pagedllm.entrypoints.openai.api_server import build_app
-    from pagedllm.entrypoints.openai.native_routes import register_native_routes
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -51,7 +49,6 @@ def serve_in_thread(
         disable_log_requests=True, api_key=[api_key] if api_key else None, **flags
     )
     app = build_app(engine, args)
-    register_native_routes(app, args)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -69,26 +66,6 @@ def serve_in_thread(
         sock.close()
 
 
-# Runs the real ``pagedllm serve`` command line; ``build_app`` gains the native routes first
-# (a no-op once ``build_app`` registers them itself).
-_SERVE_WITH_NATIVE_ROUTES = """
-import sys
-import pagedllm.entrypoints.openai.api_server as api_server
-from pagedllm.entrypoints.openai.native_routes import register_native_routes
-from pagedllm.entrypoints.cli import main
-
-_build_app = api_server.build_app
-
-def build_app(engine, args):
-    app = _build_app(engine, args)
-    register_native_routes(app, args)
-    return app
-
-api_server.build_app = build_app
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @contextmanager
 def serve_subprocess(
     model_dir: Path, log_path: Path, api_key: str | None = None, *flags: str
@@ -104,7 +81,7 @@ def serve_subprocess(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    cmd = [sys.executable, "-c", _SERVE_WITH_NATIVE_ROUTES, "serve", str(model_dir)]
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", str(model_dir)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning"]
     cmd += ["--max-model-len", "512", *flags]
     if api_key:
