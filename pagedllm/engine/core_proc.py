@@ -80,6 +80,7 @@ class EngineCore:
         self.engine = engine
         self.out = out
         self._live: dict[str, list[Sequence]] = {}  # request id -> its n sequences
+        self._unqueued: set[str] = set()  # live, but waiting for its grammar: no sequences yet
         self._prompt_counted: set[str] = set()
         self._finished_generation_tokens = 0
         self._last_sent = time.monotonic()
@@ -108,6 +109,8 @@ class EngineCore:
             return RequestError(msg.request_id, kind, str(e))
         state = self.engine.output_processor.states.get(msg.request_id)
         self._live[msg.request_id] = [s.seq for s in state.seqs] if state is not None else []
+        if state is None:
+            self._unqueued.add(msg.request_id)
         return None
 
     def abort(self, request_ids: list[str]) -> None:
@@ -121,12 +124,13 @@ class EngineCore:
         outputs = self.engine.step()
         for rid, e in self.engine.take_request_errors():  # a grammar that did not compile
             self._live.pop(rid, None)
+            self._unqueued.discard(rid)
             self.send(RequestError(rid, "ValueError", str(e)))
-        for rid, seqs in self._live.items():
-            if not seqs:  # queued once its grammar compiled
-                state = self.engine.output_processor.states.get(rid)
-                if state is not None:
-                    self._live[rid] = [s.seq for s in state.seqs]
+        for rid in list(self._unqueued):  # queued once its grammar compiled (or aborted)
+            state = self.engine.output_processor.states.get(rid)
+            if state is not None:
+                self._live[rid] = [s.seq for s in state.seqs]
+                self._unqueued.discard(rid)
         if not outputs and not queued:
             return None
         self.num_steps += 1
@@ -145,6 +149,7 @@ class EngineCore:
 
     def _finish(self, request_id: str) -> None:
         seqs = self._live.pop(request_id, [])
+        self._unqueued.discard(request_id)
         self._count_prompt(request_id, seqs)
         self._prompt_counted.discard(request_id)
         for seq in seqs:  # finish reasons are counted per completion (n > 1: n of them)

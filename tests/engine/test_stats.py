@@ -172,7 +172,8 @@ def test_rejected_request_errors_say_value_error(
     err = errors[0]
     assert err.error_type == "ValueError"
     assert err.message.startswith("structured outputs (regex)") and "unclosed" in err.message
-    assert "re" not in core._live and not core.engine.has_unfinished_requests()
+    assert "re" not in core._live and not core._unqueued
+    assert not core.engine.has_unfinished_requests()
     ok = SamplingParams(max_tokens=4)
     for exc, kind in [
         (json.JSONDecodeError("Expecting value", "x", 0), "ValueError"),
@@ -185,3 +186,17 @@ def test_rejected_request_errors_say_value_error(
         monkeypatch.setattr(core.engine, "add_request", fail)
         err = core.add(AddRequest("sub", [5, 6], ok, time.monotonic()))
         assert isinstance(err, RequestError) and err.error_type == kind
+
+
+def test_a_request_that_waited_for_its_grammar_is_counted(core: EngineCore) -> None:
+    """Queued only once its grammar compiled, the request's tokens still count, and nothing of
+    it stays behind; the same for one aborted while it waited."""
+    before = core.stats().generation_tokens_total
+    fresh = SamplingParams(max_tokens=4, ignore_eos=True, structured_outputs={"regex": "[ab]{9}"})
+    assert core.add(AddRequest("g1", [5, 6], fresh, time.monotonic())) is None
+    other = SamplingParams(max_tokens=4, structured_outputs={"regex": "[cd]{9}"})
+    assert core.add(AddRequest("g2", [5, 6], other, time.monotonic())) is None
+    core.abort(["g2"])
+    _run(core)
+    assert core.stats().generation_tokens_total - before == 4
+    assert not core._live and not core._unqueued
