@@ -18,6 +18,7 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedllm.device_utils import h2d, h2d_packed
+from pagedllm.distributed import get_tp_rank, get_tp_size
 from pagedllm.layers.attention.backend import AttentionMetadata, get_backend_cls
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.fused import use_fused
@@ -68,7 +69,7 @@ class ModelRunner:
         mc = config.model_config.arch
         self.vocab_size = mc.vocab_size
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.kv_spec = build_kv_cache_spec(config, self.attn_layers)
+        self.kv_spec = build_kv_cache_spec(config, self.attn_layers, get_tp_rank(), get_tp_size())
         self.block_size = self.kv_spec.block_size
         first = self.attn_layers[0]
         self.backend = get_backend_cls(config.device_config.attention_backend, self.device)(
