@@ -135,11 +135,37 @@ class EngineConfig:
             sched.max_num_batched_tokens = default_max_num_batched_tokens(
                 sched.max_num_seqs, max_model_len, sched.enable_chunked_prefill, device_type
             )
+        self._check_tensor_parallel()
         if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
             raise config_error(
                 f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= "
                 f"max_model_len ({max_model_len}) when chunked prefill is disabled."
             )
+
+    def _check_tensor_parallel(self) -> None:
+        """The model must split evenly over the ranks (KV heads may be fewer: replicated)."""
+        tp = self.parallel_config.tensor_parallel_size
+        arch = self.model_config.arch
+        for name in ("num_attention_heads", "intermediate_size"):
+            value = getattr(arch, name)
+            if value % tp:
+                raise config_error(
+                    f"tensor_parallel_size={tp} does not divide the model's {name} ({value})."
+                )
+        kv = arch.num_key_value_heads
+        if kv % tp and tp % kv:
+            raise config_error(
+                f"tensor_parallel_size={tp} and the model's num_key_value_heads ({kv}) must "
+                "divide one another (KV heads are split, or replicated when fewer than ranks)."
+            )
+        if tp > 1 and self.device_config.torch_device.type == "cuda":
+            import torch
+
+            visible = torch.cuda.device_count()
+            if visible < tp:
+                raise config_error(
+                    f"tensor_parallel_size={tp} needs {tp} GPUs; {visible} are visible."
+                )
 
     def to_kwargs(self) -> dict[str, Any]:
         """The flat keywords that rebuild this config (resolved values where resolved: the

@@ -1,26 +1,29 @@
-"""`ParallelConfig`: how many GPUs one engine spreads over.
+"""`ParallelConfig`: how many devices one engine spreads over, and who drives them.
 
-Only one GPU per engine is implemented today. The flags exist already (spelled like vLLM's) so
-that scripts and the config objects keep their shape when tensor and data parallelism arrive;
-until then anything but 1 is refused up front with a clear message, rather than silently
-running on one GPU.
+Tensor parallelism splits one model over ``tensor_parallel_size`` ranks: rank 0 stays in the
+engine's process, ranks 1..N-1 are worker processes started by the executor
+(``pagedllm/executor/``). Data-parallel replicas are separate engines; until they are wired in,
+``data_parallel_size`` other than 1 is refused up front rather than silently ignored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pagedllm.config.utils import check_at_least, config_error
+from pagedllm.config.utils import check_at_least, check_choice, config_error
+
+EXECUTOR_BACKENDS = ("uni", "mp")
 
 
 @dataclass
 class ParallelConfig:
-    """Parallelism: tensor- and data-parallel sizes (1 only, for now)."""
+    """Parallelism: tensor- and data-parallel sizes and the executor that runs the ranks."""
 
     tensor_parallel_size: int = field(
         default=1,
         metadata={
-            "help": "GPUs one model is split over (tensor parallelism; only 1 is supported yet)",
+            "help": "devices one model is split over (tensor parallelism); on GPUs, rank r "
+            "uses cuda:r of the visible devices",
             "aliases": ["-tp"],
         },
     )
@@ -31,13 +34,29 @@ class ParallelConfig:
             "aliases": ["-dp"],
         },
     )
+    distributed_executor_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "how tensor-parallel ranks run: uni (one rank, in the engine's process) "
+            "or mp (ranks 1..N-1 in worker processes on this host)",
+            "default_help": "uni for one rank, mp for more",
+            "choices": EXECUTOR_BACKENDS,
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "data_parallel_size"):
             check_at_least(self, name, 1)
-            value = getattr(self, name)
-            if value != 1:
-                raise config_error(
-                    f"{name}={value} is not supported yet: pagedllm runs one engine on one "
-                    f"device; use {name}=1."
-                )
+        if self.data_parallel_size != 1:
+            raise config_error(
+                f"data_parallel_size={self.data_parallel_size} is not supported yet: pagedllm "
+                "runs one engine replica; use data_parallel_size=1."
+            )
+        if self.distributed_executor_backend is None:
+            self.distributed_executor_backend = "uni" if self.tensor_parallel_size == 1 else "mp"
+        check_choice(self, "distributed_executor_backend")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise config_error(
+                f"distributed_executor_backend='uni' runs one rank, but tensor_parallel_size="
+                f"{self.tensor_parallel_size}; use 'mp'."
+            )

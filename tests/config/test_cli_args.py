@@ -32,7 +32,8 @@ FLAGS = shlex.split(
     "--num-gpu-blocks-override 12 --kv-cache-memory-bytes 4096 --no-enable-prefix-caching "
     "--max-num-seqs 8 --max-num-batched-tokens 300 --scheduling-policy priority "
     "--no-enable-chunked-prefill --async-scheduling --attention-backend torch_native "
-    "--enforce-eager -tp 1 --data-parallel-size 1 --kv-cache-dtype auto"
+    "--enforce-eager -tp 1 --data-parallel-size 1 --distributed-executor-backend mp "
+    "--kv-cache-dtype auto"
 )
 EXPECTED: dict[str, Any] = {
     "device": "cpu",
@@ -61,6 +62,7 @@ EXPECTED: dict[str, Any] = {
     "enforce_eager": True,
     "tensor_parallel_size": 1,
     "data_parallel_size": 1,
+    "distributed_executor_backend": "mp",
     "kv_cache_dtype": "auto",
 }
 
@@ -179,9 +181,9 @@ def test_tensor_parallel_is_a_clear_error(
     assert (
         engine_kwargs_from_args(parse(["generate", "hi", "-tp", "2"]))["tensor_parallel_size"] == 2
     )
-    assert main(["generate", arch_dir, "hi", "--device", "cpu", "-tp", "2"]) == 1
+    assert main(["generate", arch_dir, "hi", "--device", "cpu", "-tp", "3"]) == 1
     err = capsys.readouterr().err
-    assert "error: Invalid EngineConfig: tensor_parallel_size=2 is not supported yet" in err
+    assert "error: Invalid EngineConfig: tensor_parallel_size=3 does not divide" in err
     assert main(["generate", arch_dir, "hi", "--device", "cpu", "-dp", "2"]) == 1
     assert "data_parallel_size=2 is not supported yet" in capsys.readouterr().err
 

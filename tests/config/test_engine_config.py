@@ -47,8 +47,9 @@ FLAT_VALUES: dict[str, tuple[str, Any]] = {
     "device": ("device_config", "cpu"),
     "attention_backend": ("device_config", "torch_native"),
     "enforce_eager": ("device_config", True),
-    "tensor_parallel_size": ("parallel_config", 1),  # the only value supported yet
+    "tensor_parallel_size": ("parallel_config", 1),
     "data_parallel_size": ("parallel_config", 1),
+    "distributed_executor_backend": ("parallel_config", "mp"),
 }
 
 
@@ -174,7 +175,12 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
         ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes must be >= 1, got 0"),
         ({"load_format": "pickle"}, "load_format must be one of auto, safetensors, dummy"),
         ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3' is not supported yet"),
-        ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported yet"),
+        ({"tensor_parallel_size": 3}, r"tensor_parallel_size=3 does not divide the model's num_"),
+        (
+            {"tensor_parallel_size": 2, "distributed_executor_backend": "uni"},
+            "distributed_executor_backend='uni' runs one rank",
+        ),
+        ({"distributed_executor_backend": "ray"}, "distributed_executor_backend must be one of"),
         ({"data_parallel_size": 4}, "data_parallel_size=4 is not supported yet"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be >= 1, got 0"),
         pytest.param({"device": "cuda"}, "device='cuda' but no CUDA GPU", marks=NO_GPU),
@@ -201,7 +207,7 @@ def test_groups_check_their_own_fields() -> None:
     with pytest.raises(ValueError, match="scheduling_policy"):
         SchedulerConfig(scheduling_policy="lifo")
     with pytest.raises(ValueError, match="not supported yet"):
-        ParallelConfig(tensor_parallel_size=8)
+        ParallelConfig(data_parallel_size=8)
     assert SchedulerConfig().max_num_batched_tokens is None  # resolved by EngineConfig
 
 
