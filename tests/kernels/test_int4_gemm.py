@@ -16,7 +16,8 @@ import torch
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
-from pagedllm.kernels.int4_gemm import int_weight_linear, pick_config  # noqa: E402
+from pagedllm.kernels.int4_dispatch import pick_config  # noqa: E402
+from pagedllm.kernels.int4_gemm import int_weight_linear  # noqa: E402
 from pagedllm.layers.quantization.weight_only import canonicalize  # noqa: E402
 
 
@@ -72,11 +73,92 @@ def test_kernel_matches_dequantize_then_matmul(m, k, n, bits, group, act_order, 
     assert _rel_err(out, ref) < 1e-2
 
 
+# Odd shapes, every group size and act-order, for each kernel variant of int4_gemm.py.
+LAYOUTS = [
+    (4096, 4096, 4, 128, False),
+    (5120, 1000, 4, 128, True),  # act-order, N not a multiple of any tile
+    (1280, 520, 4, 64, True),
+    (1024, 3000, 4, 32, False),
+    (136, 72, 4, -1, False),  # one group, K not a multiple of BLOCK_K
+    (2048, 512, 8, 128, True),
+    (192, 40, 4, 24, False),  # group size that no power-of-two block >= 16 divides
+]
+VARIANTS = {
+    "gemv-m1": {"KERNEL": "gemv", "BLOCK_M": 1, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1},
+    "gemv-m1-serial": {"KERNEL": "gemv", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128,
+                       "SPLIT_K": 5, "REDUCE": "serial", "num_warps": 2},
+    "gemv-m2-twopass": {"KERNEL": "gemv", "BLOCK_M": 2, "BLOCK_N": 256, "BLOCK_K": 64,
+                        "SPLIT_K": 3, "REDUCE": "twopass"},
+    "gemv-m4-atomic": {"KERNEL": "gemv", "BLOCK_M": 4, "BLOCK_N": 128, "BLOCK_K": 64,
+                       "SPLIT_K": 4, "REDUCE": "atomic", "num_stages": 3},
+    "gemv-m8-half": {"KERNEL": "gemv", "BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 64,
+                     "SPLIT_K": 2, "REDUCE": "serial", "HALF": True, "num_stages": 1},
+    "dot": {"KERNEL": "dot", "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1},
+    "dot-serial": {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64,
+                   "SPLIT_K": 3, "REDUCE": "serial"},
+    "dot-swap-twopass": {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                         "SPLIT_K": 2, "REDUCE": "twopass", "SWAP_AB": True},
+    "dot-swap-atomic": {"KERNEL": "dot", "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64,
+                        "SPLIT_K": 2, "REDUCE": "atomic", "SWAP_AB": True, "num_warps": 8},
+    "dot-large": {"KERNEL": "dot", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64,
+                  "SPLIT_K": 1, "num_warps": 8},
+    "dequant": {"KERNEL": "dequant"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("k,n,bits,group,act_order", LAYOUTS)
+def test_every_kernel_variant_matches_dequantize_then_matmul(  # type: ignore[no-untyped-def]
+    variant, k, n, bits, group, act_order
+) -> None:
+    # Variants alternate fp16 / bf16 (compiles are the cost); HALF math exists for fp16 only.
+    dtype = torch.float16 if list(VARIANTS).index(variant) % 2 == 0 else torch.bfloat16
+    packed, zeros, scales, perm, w = _random(k, n, bits, group, act_order, dtype, seed=k + n)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    cfg = VARIANTS[variant]
+    for m in (1, 3, 8) if cfg["KERNEL"] == "gemv" else (1, 5, 37, 130):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.float() @ w + bias.float()
+        for _ in range(2):  # the serial reduction's tile counters must be reset for a second call
+            out = int_weight_linear(x, packed, zeros, scales, perm, bits, group, bias, cfg)
+            assert out.shape == (m, n) and out.dtype == dtype
+            assert _rel_err(out, ref) < 1e-2, (variant, m)
+
+
+def test_serial_split_k_is_deterministic_and_graph_safe() -> None:
+    """The serial reduction adds the slices in one order: eager calls and CUDA-graph replays
+    give the same bits."""
+    packed, zeros, scales, perm, _ = _random(5120, 1536, 4, 128, False, torch.float16, seed=3)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.float16)
+    cfg = {**VARIANTS["gemv-m1-serial"], "SPLIT_K": 8}
+    first = int_weight_linear(x, packed, zeros, scales, perm, 4, 128, None, cfg)
+    graph = torch.cuda.CUDAGraph()
+    int_weight_linear(x, packed, zeros, scales, perm, 4, 128, None, cfg)
+    with torch.cuda.graph(graph):
+        captured = int_weight_linear(x, packed, zeros, scales, perm, 4, 128, None, cfg)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, first)
+        assert torch.equal(
+            int_weight_linear(x, packed, zeros, scales, perm, 4, 128, None, cfg), first
+        )
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 64, 256])
+def test_default_dispatch_on_a_qwen_shape(m: int) -> None:
+    """Whatever ``pick_config`` chooses (measured table or heuristic) is right."""
+    packed, zeros, scales, perm, w = _random(5120, 7168, 4, 128, False, torch.float16, seed=m)
+    x = torch.randn(m, 5120, device="cuda", dtype=torch.float16)
+    out = int_weight_linear(x, packed, zeros, scales, perm, 4, 128)
+    assert _rel_err(out, x.float() @ w) < 1e-2
+
+
 @pytest.mark.parametrize("split_k", [1, 2, 4, 8])
 def test_every_k_split_agrees(split_k: int) -> None:
     packed, zeros, scales, perm, w = _random(4096, 768, 4, 128, True, torch.bfloat16, seed=1)
     x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
-    cfg = {**pick_config(2, 768, 4096, 128, x.device), "SPLIT_K": split_k}
+    cfg = {**pick_config(2, 768, 4096, 128, 4, x.device), "SPLIT_K": split_k}
     out = int_weight_linear(x, packed, zeros, scales, perm, 4, 128, None, cfg)
     assert _rel_err(out, x.float() @ w) < 1e-2
 
@@ -141,6 +223,6 @@ def test_decode_bandwidth_report() -> None:
         torch.cuda.synchronize()
         sec = (time.perf_counter() - start) / iters
         nbytes = packed.numel() * 4 + zeros.numel() + scales.numel() * 2
-        cfg = pick_config(1, n, k, 128, x.device)
+        cfg = pick_config(1, n, k, 128, 4, x.device)
         print(f"{name} K={k} N={n}: {sec * 1e6:.1f} us, {nbytes / sec / 1e12:.2f} TB/s {cfg}")
         assert sec > 0

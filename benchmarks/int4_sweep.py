@@ -1,0 +1,309 @@
+"""Sweep the weight-only int4 kernels on Qwen2.5-14B's layer shapes; one H200, < 3.5 minutes.
+
+python benchmarks/int4_sweep.py OUT.json [--budget-s 190] [--jobs 12] [--dtype float16]
+
+For every shape (qkv, o, gate_up, down; group 128) and M in 1..256, a focused list of
+candidates (``candidates``) is timed: the GEMV (tiles, K split, warps, stages, how split-K
+slices are added, fp16 math), the tensor-core kernel (tiles, split, swapped operands) and
+dequantize + cuBLAS. Each timing replays a CUDA graph of calls that cycle over enough copies
+of the weight that none stays in the 50 MB L2 between its uses (as in a model, where every
+layer has its own weights); the median of several replays is kept. Each result is checked
+against dequantize-then-matmul in fp32 (``max_abs_err``, ``rel_err``).
+
+Compiling is most of the time, so worker processes first run every candidate once (filling
+Triton's on-disk cache in parallel); the timing process then only loads the kernels. Work past
+``--budget-s`` is skipped and says so. Prints one JSON line per (shape, M, config), then the
+best per (shape, M); writes them all to OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {"qkv": (7168, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "down": (5120, 13824)}
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GROUP = 128
+L2_BYTES = 50 << 20
+
+
+def _split(tiles: int, k: int, block_k: int, target: int) -> int:
+    from pagedllm.kernels.int4_dispatch import split_for
+
+    return split_for(tiles, -(-k // block_k), target)
+
+
+def candidates(m: int, n: int, k: int, sms: int, half_ok: bool) -> list[dict[str, Any]]:
+    """The configurations tried at this (shape, M); ``SPLIT_K`` is sized from a target number
+    of programs per SM so one list serves every shape."""
+    out: list[dict[str, Any]] = []
+
+    def gemv(bm, bn, bk, warps, per_sm, stages=2, reduce="serial", half=False):  # type: ignore[no-untyped-def]
+        tiles = -(-m // bm) * -(-n // bn)
+        out.append({
+            "KERNEL": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "SPLIT_K": _split(tiles, k, bk, per_sm * sms), "REDUCE": reduce, "HALF": half,
+            "num_warps": warps, "num_stages": stages,
+        })  # fmt: skip
+
+    def dot(bm, bn, bk, warps, stages, per_sm, swap=False, reduce="serial"):  # type: ignore[no-untyped-def]
+        tiles = -(-m // bm) * -(-n // bn)
+        out.append({
+            "KERNEL": "dot", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+            "SPLIT_K": _split(tiles, k, bk, per_sm * sms) if per_sm else 1, "REDUCE": reduce,
+            "SWAP_AB": swap, "num_warps": warps, "num_stages": stages,
+        })  # fmt: skip
+
+    if m <= 4:
+        bm = m
+        shapes = [(128, 128, 4), (256, 64, 4), (64, 128, 2), (128, 64, 2)]
+        if m == 1:
+            shapes += [(256, 128, 4), (128, 256, 4), (512, 64, 4), (64, 256, 2)]
+        for bn, bk, warps in shapes:
+            for per_sm in (4, 8):
+                gemv(bm, bn, bk, warps, per_sm)
+        gemv(bm, 128, 128, 4, 16)
+        for reduce in ("twopass", "atomic"):
+            gemv(bm, 128, 128, 4, 4, reduce=reduce)
+            gemv(bm, 128, 128, 4, 8, reduce=reduce)
+        for stages in (1, 3):
+            gemv(bm, 128, 128, 4, 4, stages=stages)
+        if half_ok:
+            gemv(bm, 128, 128, 4, 4, half=True)
+            gemv(bm, 128, 128, 4, 8, half=True)
+            gemv(bm, 256, 64, 4, 4, half=True)
+    elif m == 8:
+        for bm, bn, bk, warps in [
+            (4, 128, 64, 4),
+            (4, 128, 128, 4),
+            (8, 64, 64, 4),
+            (8, 128, 64, 8),
+        ]:
+            for per_sm in (4, 8):
+                gemv(bm, bn, bk, warps, per_sm)
+        if half_ok:
+            gemv(4, 128, 64, 4, 4, half=True)
+            gemv(8, 64, 64, 4, 4, half=True)
+        for swap in (False, True):
+            for per_sm in (2, 4):
+                dot(16, 64, 128, 4, 3, per_sm, swap)
+    elif m <= 64:
+        bm = m
+        for bn, bk, warps, stages in [
+            (64, 128, 4, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 4),
+            (128, 128, 4, 3),
+        ]:
+            for per_sm in (2, 4):
+                dot(bm, bn, bk, warps, stages, per_sm)
+        for bn in (64, 128):
+            for per_sm in (2, 4):
+                dot(bm, bn, 128, 4, 3, per_sm, swap=True)
+        dot(bm, 128, 64, 4, 3, 2, reduce="twopass")
+        dot(bm, 128, 64, 4, 3, 2, reduce="atomic")
+        if m == 16:
+            gemv(4, 128, 64, 4, 4)
+            gemv(8, 64, 64, 4, 4)
+        out.append({"KERNEL": "dequant"})
+    else:
+        for bm, bn, bk, warps, stages in [
+            (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+            (128, 128, 128, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+        ]:  # fmt: skip
+            dot(bm, bn, bk, warps, stages, 0)
+        dot(64, 128, 64, 4, 4, 2)
+        dot(128, 128, 64, 8, 3, 2)
+        out.append({"KERNEL": "dequant"})
+    return out
+
+
+def _weights(n: int, k: int, dtype: torch.dtype, copies: int, seed: int = 0) -> list[tuple]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    groups = k // GROUP
+    res = []
+    for _ in range(copies):
+        packed = torch.randint(
+            -(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen
+        )
+        zeros = torch.randint(0, 16, (groups, n), dtype=torch.uint8, device="cuda", generator=gen)
+        scales = (torch.rand(groups, n, device="cuda", generator=gen) / 50 + 1e-3).to(dtype)
+        res.append((packed, zeros, scales))
+    return res
+
+
+def _reference(
+    x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    from pagedllm.layers.quantization.packing import unpack_rows
+
+    q = unpack_rows(packed, 4)
+    g = torch.arange(q.shape[0], device=q.device) // GROUP
+    w = (q - zeros[g].to(torch.int32)).float() * scales[g].float()
+    return x.float() @ w
+
+
+def _tasks(dtype: torch.dtype, sms: int, shapes: dict, ms: tuple) -> list[tuple[str, int, dict]]:
+    half_ok = dtype == torch.float16
+    tasks, seen = [], set()
+    for m in ms:
+        for name, (n, k) in shapes.items():
+            for cfg in candidates(m, n, k, sms, half_ok):
+                key = (name, m, json.dumps(cfg, sort_keys=True))
+                if key not in seen:  # a capped K split can make two candidates one
+                    seen.add(key)
+                    tasks.append((name, m, cfg))
+    return tasks
+
+
+def _compile_worker(args: tuple) -> int:
+    """Run each task once (compiles into Triton's cache); errors are found again when timed."""
+    tasks, dtype_name = args
+    from pagedllm.kernels.int4_gemm import int_weight_linear
+
+    dtype = getattr(torch, dtype_name)
+    weights = {name: _weights(n, k, dtype, 1)[0] for name, (n, k) in SHAPES.items()}
+    done = 0
+    for name, m, cfg in tasks:
+        packed, zeros, scales = weights[name]
+        x = torch.randn(m, SHAPES[name][1], device="cuda", dtype=dtype)
+        try:
+            int_weight_linear(x, packed, zeros, scales, None, 4, GROUP, None, cfg)
+            done += 1
+        except Exception:  # noqa: BLE001 - reported by the timing pass
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def _time_us(fn_for_copy: Any, copies: int, replays: int = 5) -> float:
+    """Per-call µs: one CUDA graph of calls over every weight copy (twice), replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):
+            fn_for_copy(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    calls = 2 * copies
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn_for_copy(i % copies)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--budget-s", type=float, default=190.0)
+    ap.add_argument("--jobs", type=int, default=12)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget_s
+    from pagedllm.kernels.int4_dispatch import num_sms
+    from pagedllm.kernels.int4_gemm import int_weight_linear
+
+    dtype = getattr(torch, args.dtype)
+    shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
+    ms = tuple(int(v) for v in args.ms.split(","))
+    sms = num_sms(torch.device("cuda"))
+    tasks = _tasks(dtype, sms, shapes, ms)
+    meta = {"gpu": torch.cuda.get_device_name(), "sms": sms, "dtype": args.dtype,
+            "torch": torch.__version__, "tasks": len(tasks)}  # fmt: skip
+    if args.jobs > 1:  # parallel compile into the on-disk Triton cache
+        chunks = [tasks[i :: args.jobs] for i in range(args.jobs)]
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.jobs) as pool:
+            res = pool.map_async(_compile_worker, [(c, args.dtype) for c in chunks])
+            try:
+                meta["compiled"] = sum(res.get(timeout=max(10.0, 0.55 * args.budget_s)))
+            except mp.TimeoutError:
+                meta["compiled"] = "timeout"
+                pool.terminate()
+    meta["compile_s"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps({"meta": meta}), flush=True)
+
+    results: list[dict[str, Any]] = []
+    skipped = 0
+    weights_cache: dict[str, list[tuple]] = {}
+    for name, m, cfg in tasks:
+        n, k = shapes[name]
+        if time.perf_counter() > deadline:
+            skipped += 1
+            continue
+        if name not in weights_cache:
+            wbytes = k * n // 2
+            copies = max(2, math.ceil(3 * L2_BYTES / wbytes))
+            weights_cache[name] = _weights(n, k, dtype, copies, seed=1)
+        ws = weights_cache[name]
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m, "config": cfg}
+        try:
+            out = int_weight_linear(x, *ws[0], None, 4, GROUP, None, cfg)
+            ref = _reference(x, *ws[0])
+            row["max_abs_err"] = (out.float() - ref).abs().max().item()
+            row["rel_err"] = ((out.float() - ref).norm() / ref.norm()).item()
+            t = _time_us(
+                lambda i, x=x, cfg=cfg, ws=ws: int_weight_linear(
+                    x, *ws[i], None, 4, GROUP, None, cfg
+                ),
+                len(ws),
+            )
+            nbytes = (
+                ws[0][0].numel() * 4 + ws[0][1].numel() + ws[0][2].numel() * ws[0][2].element_size()
+            )
+            row["time_us"] = round(t, 2)
+            row["tb_s"] = round(nbytes / (t * 1e-6) / 1e12, 3)
+            row["tflops"] = round(2 * m * n * k / (t * 1e-6) / 1e12, 1)
+            row["ok"] = row["rel_err"] < 1e-2
+        except Exception as e:  # noqa: BLE001 - a config that fails is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            row["ok"] = False
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    best: dict[str, dict[str, Any]] = {}
+    for row in results:
+        if not row.get("ok"):
+            continue
+        key = f"{row['shape']}/M={row['m']}"
+        if key not in best or row["time_us"] < best[key]["time_us"]:
+            best[key] = row
+    meta["skipped_over_budget"] = skipped
+    meta["total_s"] = round(time.perf_counter() - t_start, 1)
+    print("# best per (shape, M)")
+    for key, row in best.items():
+        cfg = json.dumps(row["config"])
+        print(f"{key:16s} {row['time_us']:9.2f} us {row['tb_s']:6.3f} TB/s {cfg}")
+    print(json.dumps({"meta": meta}), flush=True)
+    Path(args.out).write_text(
+        json.dumps({"meta": meta, "results": results, "best": best}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Which weight-only kernel and tiles serve an ``[M, K] x [K, N]`` product (``int4_gemm.py``).
+
+``MEASURED`` holds, per weight shape ``(N, K)`` and M bucket, the fastest configuration that
+``benchmarks/int4_sweep.py`` found on an H200 (it names its run); shapes it did not measure
+get :func:`heuristic_config`: the GEMV for a few rows with K split until the grid holds a few
+programs per SM, tensor-core tiles above. Both are plain tables, so dispatch costs a dict
+lookup on the host (the decode graphs capture one configuration per batch size anyway).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+# (N, K) -> [(largest M, config)], ascending M; filled from benchmarks/int4_sweep.py results.
+MEASURED: dict[tuple[int, int], list[tuple[int, dict[str, Any]]]] = {}
+
+GEMV_MAX_ROWS = 8
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (8 off CUDA, where only tests launch)."""
+    if device.type != "cuda":
+        return 8
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def split_for(programs: int, k_blocks: int, target: int) -> int:
+    """A K split that brings ``programs`` output tiles near ``target`` programs in all, with
+    at least two K blocks per slice."""
+    split = 1
+    while programs * split * 2 <= target and k_blocks // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def heuristic_config(m: int, n: int, k: int, bits: int, device: torch.device) -> dict[str, Any]:
+    """The configuration for a shape the sweep did not measure (module doc)."""
+    sms = num_sms(device)
+    if m <= GEMV_MAX_ROWS:
+        block_m = 1 if m == 1 else min(4, 1 << (m - 1).bit_length())
+        block_n, block_k = 128, 128
+        tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+        split = split_for(tiles, _cdiv(k, block_k), 4 * sms)
+        return {
+            "KERNEL": "gemv", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "SPLIT_K": split, "REDUCE": "serial", "num_warps": 4, "num_stages": 2,
+        }  # fmt: skip
+    if m <= 64:
+        block_m, block_n, block_k = (16 if m <= 16 else 32 if m <= 32 else 64), 64, 64
+    else:
+        block_m, block_n, block_k = 128, 128, 64
+    tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+    split = split_for(tiles, _cdiv(k, block_k), 2 * sms) if m <= 64 else 1
+    return {
+        "KERNEL": "dot", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+        "SPLIT_K": split, "REDUCE": "serial", "num_warps": 4, "num_stages": 3,
+    }  # fmt: skip
+
+
+def pick_config(
+    m: int, n: int, k: int, group_size: int, bits: int, device: torch.device
+) -> dict[str, Any]:
+    """The measured configuration of the first M bucket holding ``m`` (the last bucket for
+    larger M), else :func:`heuristic_config`. ``group_size`` only constrains the K block,
+    which the launchers fit to it."""
+    buckets = MEASURED.get((n, k)) if bits == 4 else None
+    if buckets:
+        for max_m, cfg in buckets:
+            if m <= max_m:
+                return cfg
+        return buckets[-1][1]
+    return heuristic_config(m, n, k, bits, device)

@@ -1,0 +1,57 @@
+"""The weight-only GEMM dispatch (``kernels/int4_dispatch.py``): measured table, then heuristics.
+
+Plain host code, so it runs on CPU; the kernels it names are checked on GPU in
+``test_int4_gemm.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm.kernels import int4_dispatch
+from pagedllm.kernels.int4_dispatch import heuristic_config, pick_config, split_for
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+def test_few_rows_get_the_gemv_with_rows_tiled_by_at_most_four(m: int) -> None:
+    cfg = heuristic_config(m, 5120, 5120, 4, CPU)
+    assert cfg["KERNEL"] == "gemv"
+    assert cfg["BLOCK_M"] == (1 if m == 1 else min(4, 1 << (m - 1).bit_length()))
+
+
+@pytest.mark.parametrize(
+    "m,block_m", [(9, 16), (16, 16), (17, 32), (64, 64), (65, 128), (512, 128)]
+)
+def test_more_rows_get_tensor_core_tiles(m: int, block_m: int) -> None:
+    cfg = heuristic_config(m, 5120, 5120, 4, CPU)
+    assert cfg["KERNEL"] == "dot" and cfg["BLOCK_M"] == block_m
+    if m > 64:
+        assert cfg["SPLIT_K"] == 1
+
+
+def test_k_split_fills_the_grid_but_keeps_two_blocks_per_slice() -> None:
+    assert split_for(programs=40, k_blocks=40, target=32) == 1  # already past the target
+    assert split_for(programs=10, k_blocks=40, target=80) == 8
+    assert split_for(programs=1, k_blocks=8, target=1000) == 4  # 8 blocks: 4 slices of 2
+    cfg = heuristic_config(1, 5120, 5120, 4, CPU)  # 40 tiles, 8 "SMs" off CUDA: no split
+    assert cfg["SPLIT_K"] == 1
+
+
+def test_measured_buckets_win_over_the_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = {"KERNEL": "gemv", "BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}
+    mid = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}
+    large = {"KERNEL": "dequant"}
+    monkeypatch.setattr(
+        int4_dispatch, "MEASURED", {(7168, 5120): [(1, small), (16, mid), (256, large)]}
+    )
+    assert pick_config(1, 7168, 5120, 128, 4, CPU) is small
+    assert pick_config(2, 7168, 5120, 128, 4, CPU) is mid
+    assert pick_config(16, 7168, 5120, 128, 4, CPU) is mid
+    assert pick_config(17, 7168, 5120, 128, 4, CPU) is large
+    assert pick_config(4096, 7168, 5120, 128, 4, CPU) is large  # past the last bucket
+    # Another shape, or 8-bit weights of this one, fall back to the heuristic.
+    assert pick_config(1, 5120, 5120, 128, 4, CPU) == heuristic_config(1, 5120, 5120, 4, CPU)
+    assert pick_config(1, 7168, 5120, 128, 8, CPU) == heuristic_config(1, 7168, 5120, 8, CPU)
