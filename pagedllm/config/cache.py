@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 from pagedllm.config.utils import check_at_least, config_error
 
+# ``--kv-cache-dtype`` values, spelled as vLLM spells them. "auto": the model's dtype; "fp8"
+# is "fp8_e4m3". An fp8 cache stores ``clamp(x / scale)`` per element (1 byte, so the pool
+# holds twice the tokens of bf16 in the same memory) with per-layer K and V scales.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
 
 @dataclass
 class CacheConfig:
@@ -22,7 +27,12 @@ class CacheConfig:
     )
     kv_cache_dtype: str = field(
         default="auto",
-        metadata={"help": "KV-cache element type; auto: the model's dtype (fp8 not supported yet)"},
+        metadata={
+            "help": "KV-cache element type; auto: the model's dtype; fp8 (= fp8_e4m3) or "
+            "fp8_e5m2: one byte per value with per-layer K/V scales from the checkpoint, "
+            "else calibrated at start-up",
+            "choices": KV_CACHE_DTYPES,
+        },
     )
     gpu_memory_utilization: float = field(
         default=0.9,
@@ -55,9 +65,10 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise config_error(f"block_size must be a power of two >= 1, got {self.block_size}.")
-        if self.kv_cache_dtype != "auto":
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise config_error(
-                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; use 'auto'."
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of "
+                f"{', '.join(KV_CACHE_DTYPES)}."
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise config_error(

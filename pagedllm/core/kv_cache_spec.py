@@ -6,8 +6,9 @@ model's full KV-head count. They now live in one frozen dataclass that the worke
 (``pagedllm.worker.kv_cache_spec``) and everything else reads: the pool sizing, the backend's
 allocation, the benchmark reports, and later the engine, which receives it from worker
 processes. It therefore holds no tensors and this module does not import torch: the dtype is a
-name ("bfloat16", "float16", "float32"; "fp8_e4m3" once the fp8 KV cache exists) and the
-attention backend maps it to a torch dtype.
+name ("bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2") and the attention backend maps
+it to a torch dtype. An fp8 spec counts one byte per element, so the same memory holds twice
+the tokens of a bf16 cache (the per-layer K/V scales live with the attention layers, not here).
 
 ``num_kv_heads`` is per tensor-parallel rank: each rank stores only its share of the heads, and
 when there are fewer KV heads than ranks every rank keeps a replica of one head.
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pagedllm.config.cache import KV_CACHE_DTYPES
+
 if TYPE_CHECKING:
     from pagedllm.config import EngineConfig
 
@@ -27,22 +30,28 @@ KV_DTYPE_BYTES: dict[str, int] = {
     "bfloat16": 2,
     "float16": 2,
     "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
 }
 
-# ``CacheConfig.kv_cache_dtype`` values that work today ("auto": the model's dtype).
-SUPPORTED_KV_CACHE_DTYPES = ("auto",)
+# Spec dtypes stored as scaled fp8 (their K/V scales are per layer).
+FP8_KV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+
+# ``CacheConfig.kv_cache_dtype`` values ("auto": the model's dtype; "fp8": e4m3).
+SUPPORTED_KV_CACHE_DTYPES = KV_CACHE_DTYPES
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: str) -> str:
     """The KV dtype name for a ``kv_cache_dtype`` setting and the model's activation dtype."""
     if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise ValueError(
-            f"kv_cache_dtype={kv_cache_dtype!r} is not supported yet; "
-            f"use one of {', '.join(SUPPORTED_KV_CACHE_DTYPES)} (the model's dtype)."
+            f"kv_cache_dtype={kv_cache_dtype!r} is not supported; "
+            f"use one of {', '.join(SUPPORTED_KV_CACHE_DTYPES)}."
         )
-    if model_dtype not in KV_DTYPE_BYTES:
+    if model_dtype not in KV_DTYPE_BYTES or model_dtype in FP8_KV_DTYPES:
         raise ValueError(f"No KV cache for model dtype {model_dtype!r}.")
-    return model_dtype
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    return "fp8_e4m3" if kv_cache_dtype == "fp8" else kv_cache_dtype
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
@@ -88,6 +97,11 @@ class KVCacheSpec:
         for name in ("num_layers", "block_size", "num_kv_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KVCacheSpec.{name} must be >= 1, got {getattr(self, name)}.")
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether values are stored as scaled fp8 (one byte each)."""
+        return self.dtype in FP8_KV_DTYPES
 
     @property
     def element_size(self) -> int:

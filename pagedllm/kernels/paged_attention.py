@@ -11,7 +11,12 @@ One kernel serves both shapes of work:
   kernel merges the splits. Shapes depend only on the batch size, so it can be captured in a
   CUDA graph.
 
-KV cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``.
+KV cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. An fp8
+cache (e4m3 or e5m2, ``layers/attention/kv_quant.py``) holds ``x / scale``: each tile is
+widened to q's dtype as it is loaded (exact: every fp8 value is a bf16/fp16 value), k_scale is
+folded into the softmax scale and v_scale into the accumulator, so the scales cost two loads
+per program and the cache bytes read are halved. The scales come from a [2] float32 device
+tensor (k, v), so a captured CUDA graph reads their current values.
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ def _attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     part_acc_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_ptr, prog_seq_ptr, prog_q_ptr,
-    scale_log2,
+    kv_scale_ptr, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     HQ: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
     D: tl.constexpr, D_P: tl.constexpr, CACHE_BLOCK: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr, PRECISION: tl.constexpr,
+    DECODE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -75,6 +80,10 @@ def _attn_kernel(
         lo = 0
         hi = kv_end
 
+    qk_scale = scale_log2
+    if KV_FP8:  # scores of dequantized keys: q . (k * k_scale)
+        qk_scale = scale_log2 * tl.load(kv_scale_ptr)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_P], tl.float32)
@@ -85,7 +94,9 @@ def _attn_kernel(
         kv_off = blk.to(tl.int64) * stride_cb + (n % CACHE_BLOCK) * stride_cs + kvh * stride_ch
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if KV_FP8:
+            k = k.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -93,8 +104,13 @@ def _attn_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+
+    if KV_FP8:  # sum p * (v * v_scale); split partials merge linearly
+        acc = acc * tl.load(kv_scale_ptr + 1)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -195,8 +211,12 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` [T, Hq, D] over the paged context; writes and returns ``out``.
+
+    An fp8 ``kv_cache`` needs ``kv_scale``, the layer's [2] float32 (k_scale, v_scale) on the
+    device; the cache values are read as ``float(x) * scale``.
 
     ``decode=True`` needs every query length to be 1 (program i = sequence i) and may split
     the context ``num_splits`` ways. Otherwise ``programs`` (from ``mixed_programs``) lists
@@ -209,6 +229,10 @@ def paged_attention(
     gp = _group_pad(group)
     d_p = triton.next_power_of_2(d)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    kv_fp8 = kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    if kv_fp8:
+        assert kv_scale is not None and kv_scale.dtype == torch.float32, "fp8 needs kv_scale"
+        assert kv_scale.numel() == 2 and kv_scale.device == q.device
     if decode:
         tile, stages = decode_tile(seq_lens.shape[0] * hkv, q.device)
         block_n = block_n or tile
@@ -232,12 +256,12 @@ def paged_attention(
     _attn_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_ml,
         block_tables, seq_lens, query_start_loc, prog_seq, prog_q,
-        scale * _LOG2E,
+        kv_scale if kv_fp8 else seq_lens, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         HQ=hq, GROUP=group, GROUP_P=gp, D=d, D_P=d_p, CACHE_BLOCK=cache_block,
         BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=num_splits, DECODE=decode,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv_fp8,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

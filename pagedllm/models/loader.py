@@ -23,6 +23,7 @@ from torch import nn
 from pagedllm.config import EngineConfig
 from pagedllm.layers.quantization import get_quant_config
 from pagedllm.layers.weight_utils import default_weight_loader
+from pagedllm.models.kv_scales import KVScaleCollector
 from pagedllm.models.registry import get_model_cls
 from pagedllm.models.safetensors_mmap import iter_safetensors_views
 
@@ -76,17 +77,24 @@ def _sources(param: str, packed: dict[str, tuple[str, int | str]]) -> list[str]:
     return [f"{prefix}.{part}.{param_name}" if prefix else f"{part}.{param_name}" for part in parts]
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+def load_weights(
+    model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], kv_scales: bool = False
+) -> None:
     """Hand every checkpoint tensor to its parameter's ``weight_loader``; check none is missing.
 
     Skips ``rotary_emb.inv_freq`` buffers and, for tied embeddings, ``lm_head.weight``.
+    KV-cache scales (``models/kv_scales.py``) go to the attention layers when ``kv_scales``
+    (an fp8 KV cache) and are skipped with a log line otherwise.
     """
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, int | str]] = getattr(model, "packed_modules", {})
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    scales = KVScaleCollector(model, kv_scales)
     seen: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+            continue
+        if scales.offer(name, tensor):
             continue
         target, shard_id = _packed_target(name, packed)
         if target not in params:
@@ -111,6 +119,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     ]
     if missing:
         raise ValueError(f"Checkpoint is missing weights: {', '.join(sorted(missing)[:8])}.")
+    scales.apply()
 
 
 def _dummy_init(model: nn.Module, seed: int) -> None:
@@ -161,7 +170,8 @@ def load_model(config: EngineConfig) -> nn.Module:
 
         load_weights(model, iter_gguf_weights(Path(mc.gguf_file), mc.arch.raw))
     else:
-        load_weights(model, iter_checkpoint(Path(mc.model)))
+        kv_fp8 = config.cache_config.kv_cache_dtype != "auto"
+        load_weights(model, iter_checkpoint(Path(mc.model)), kv_scales=kv_fp8)
     process_weights_after_loading(model)
     # Rotary tables stay fp32 whatever the weights' dtype.
     for module in model.modules():

@@ -5,7 +5,8 @@ meets the loaded model and the attention backend. The spec is derived from the c
 rank and then checked against the model's ``Attention`` layers, so a model whose attention
 shapes differ from its config (or a tensor-parallel model built for another rank count) fails
 at start-up instead of corrupting the cache. The tensors themselves come from the backend,
-which alone knows the cache layout.
+which alone knows the cache layout; binding also puts each layer's fp8 (k, v) scale tensor on
+the cache's device (before any CUDA graph is captured; later updates are in place).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def bind_kv_caches(
     caches = backend.allocate_kv_cache(num_blocks, spec, device)
     for layer, cache in zip(attn_layers, caches, strict=True):
         layer.kv_cache = cache
+        if layer.kv_scale.device != device:  # the kernels read the scales on the device
+            layer.kv_scale = layer.kv_scale.to(device)
     return caches
 
 

@@ -34,7 +34,7 @@ FLAT_VALUES: dict[str, tuple[str, Any]] = {
     "hf_token": ("load_config", "hf_test_token"),
     "trust_remote_code": ("load_config", True),
     "block_size": ("cache_config", 32),
-    "kv_cache_dtype": ("cache_config", "auto"),  # the only value supported yet
+    "kv_cache_dtype": ("cache_config", "fp8"),
     "gpu_memory_utilization": ("cache_config", 0.5),
     "num_gpu_blocks": ("cache_config", 9),
     "kv_cache_memory_bytes": ("cache_config", 1 << 20),
@@ -174,7 +174,11 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
         ({"num_gpu_blocks": 0}, "num_gpu_blocks must be >= 1, got 0"),
         ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes must be >= 1, got 0"),
         ({"load_format": "pickle"}, "load_format must be one of auto, safetensors, dummy"),
-        ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype='fp8_e4m3' is not supported yet"),
+        (
+            {"kv_cache_dtype": "fp8_e4m3fn"},
+            "kv_cache_dtype='fp8_e4m3fn' is not supported; use one of auto, fp8, fp8_e4m3, "
+            "fp8_e5m2",
+        ),
         ({"tensor_parallel_size": 3}, r"tensor_parallel_size=3 does not divide the model's num_"),
         (
             {"tensor_parallel_size": 2, "distributed_executor_backend": "uni"},

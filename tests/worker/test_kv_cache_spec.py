@@ -90,14 +90,55 @@ def test_core_spec_module_does_not_import_torch() -> None:
     assert out.stdout.strip() == str(2 * 16 * 4 * 64 * 2 * 2)
 
 
-def test_kv_cache_dtype_only_auto(llama_dir) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="not supported yet"):
-        EngineConfig(model=str(llama_dir), device="cpu", kv_cache_dtype="fp8_e4m3")
-    with pytest.raises(ValueError, match="not supported yet"):
-        core_spec.resolve_kv_cache_dtype("fp8", "bfloat16")
-    spec = TorchNativeBackend(4, 2, 8, 1.0)
-    with pytest.raises(ValueError, match="not supported yet"):
-        spec.allocate_kv_cache(1, KVCacheSpec(1, 16, 2, 8, "fp8_e4m3"), torch.device("cpu"))
+@pytest.mark.parametrize(
+    "setting,model_dtype,name",
+    [
+        ("auto", "bfloat16", "bfloat16"),
+        ("auto", "float32", "float32"),
+        ("fp8", "bfloat16", "fp8_e4m3"),
+        ("fp8_e4m3", "float16", "fp8_e4m3"),
+        ("fp8_e5m2", "float32", "fp8_e5m2"),
+    ],
+)
+def test_kv_cache_dtype_resolves(setting: str, model_dtype: str, name: str) -> None:
+    assert core_spec.resolve_kv_cache_dtype(setting, model_dtype) == name
+
+
+def test_kv_cache_dtype_errors(llama_dir) -> None:  # type: ignore[no-untyped-def]
+    accepted = "auto, fp8, fp8_e4m3, fp8_e5m2"
+    with pytest.raises(
+        ValueError, match=f"kv_cache_dtype='int8' is not supported; use one of {accepted}"
+    ):
+        EngineConfig(model=str(llama_dir), device="cpu", kv_cache_dtype="int8")
+    with pytest.raises(
+        ValueError, match=f"kv_cache_dtype='fp8_e4m3fn' is not supported; use one of {accepted}"
+    ):
+        core_spec.resolve_kv_cache_dtype("fp8_e4m3fn", "bfloat16")
+    with pytest.raises(ValueError, match="No KV cache for model dtype 'fp8_e4m3'"):
+        core_spec.resolve_kv_cache_dtype("auto", "fp8_e4m3")
+
+
+@pytest.mark.parametrize(
+    "setting,torch_dtype", [("fp8", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)]
+)
+def test_fp8_spec_halves_block_bytes(llama_dir, setting, torch_dtype) -> None:  # type: ignore[no-untyped-def]
+    """Same model, same memory: an fp8 block is half a bf16 block, so the pool holds twice the
+    tokens, and the backend allocates exactly the spec's bytes in the fp8 dtype."""
+    cfg = EngineConfig(model=str(llama_dir), device="cpu", dtype="bfloat16")
+    fp8_cfg = EngineConfig(
+        model=str(llama_dir), device="cpu", dtype="bfloat16", kv_cache_dtype=setting
+    )
+    bf16, fp8 = KVCacheSpec.from_config(cfg), KVCacheSpec.from_config(fp8_cfg)
+    assert fp8.is_fp8 and not bf16.is_fp8 and fp8.element_size == 1
+    assert 2 * fp8.bytes_per_block == bf16.bytes_per_block
+    budget = 64 * bf16.bytes_per_block
+    assert budget // fp8.bytes_per_block == 2 * (budget // bf16.bytes_per_block)
+    heads = cfg.model_config.arch.num_attention_heads
+    backend = TorchNativeBackend(heads, fp8.num_kv_heads, fp8.head_dim, 1.0)
+    caches = backend.allocate_kv_cache(3, fp8, torch.device("cpu"))
+    assert len(caches) == fp8.num_layers
+    assert all(c.dtype == torch_dtype for c in caches)
+    assert sum(c.numel() * c.element_size() for c in caches) == 3 * fp8.bytes_per_block
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

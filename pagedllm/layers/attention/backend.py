@@ -5,8 +5,10 @@ chose. The backend is the only code that knows the KV cache's layout: it says wh
 per-layer cache tensors have and allocates them (``kv_cache_shape`` / ``allocate_kv_cache``),
 it alone writes new keys/values into them (``write_kv``, or a fused kernel inside
 ``forward_qkv``), and it reads them back when attending. Keeping all three in one place is what
-lets a later backend change the layout or the element type (an fp8 cache with scales) without
-touching the models, the layer or the runner.
+lets a backend change the layout or the element type without touching the models, the layer
+or the runner. An fp8 cache (``kv_quant.py``) is told by the cache tensor's dtype; its
+per-layer (k, v) scales come with every call as ``kv_scale`` (a ``[2]`` float32 tensor the
+``Attention`` layer owns), used when writing (``x / scale``) and when reading (``* scale``).
 
 Per step, ``build_metadata`` turns the runner's shared ``AttentionMetadata`` into the backend's
 own typed subclass; per layer, ``forward_qkv`` goes from the fused qkv projection to the
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pagedllm.layers.attention.kv_quant import FP8_TORCH_DTYPES, is_fp8, quantize_kv
 from pagedllm.layers.attention.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -37,11 +40,12 @@ __all__ = [
     "register_backend",
 ]
 
-# KV dtype names (``KVCacheSpec.dtype``) the backends can store today.
+# KV dtype names (``KVCacheSpec.dtype``) the backends can store.
 _KV_TORCH_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    **FP8_TORCH_DTYPES,
 }
 
 
@@ -91,10 +95,25 @@ class AttentionBackend(ABC):
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
 
     def write_kv(
-        self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+        self,
+        kv_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scale: torch.Tensor | None = None,
     ) -> None:
-        """Scatter this step's keys/values ([T, Hkv, D]) into their cache slots."""
+        """Scatter this step's keys/values ([T, Hkv, D]) into their cache slots.
+
+        An fp8 cache stores ``clamp(x / scale)`` with ``kv_scale`` = (k_scale, v_scale).
+        """
         _, _, _, hk, d = kv_cache.shape
+        if is_fp8(kv_cache.dtype):
+            if kv_scale is None:
+                raise ValueError("An fp8 KV cache needs the layer's kv_scale to write into it.")
+            # index_copy_ has no fp8 kernels: scatter the bytes.
+            k = quantize_kv(k, kv_scale[0], kv_cache.dtype).view(torch.uint8)
+            v = quantize_kv(v, kv_scale[1], kv_cache.dtype).view(torch.uint8)
+            kv_cache = kv_cache.view(torch.uint8)
         kv_cache[0].view(-1, hk, d).index_copy_(0, slot_mapping, k)
         kv_cache[1].view(-1, hk, d).index_copy_(0, slot_mapping, v)
 
@@ -108,9 +127,16 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def attend(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, H, D], whose keys/values are already in ``kv_cache``. Returns [T, H, D]."""
+        """q: [T, H, D], whose keys/values are already in ``kv_cache``. Returns [T, H, D].
+
+        An fp8 cache is read as ``float(x) * scale`` with ``kv_scale`` = (k_scale, v_scale).
+        """
 
     def forward(
         self,
@@ -119,10 +145,11 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write k/v ([T, Hkv, D], new tokens only) to the cache, then attend with q [T, H, D]."""
-        self.write_kv(kv_cache, k, v, meta.slot_mapping)
-        return self.attend(q, kv_cache, meta)
+        self.write_kv(kv_cache, k, v, meta.slot_mapping, kv_scale)
+        return self.attend(q, kv_cache, meta, kv_scale)
 
     def forward_qkv(
         self,
@@ -133,6 +160,7 @@ class AttentionBackend(ABC):
         k_norm: RMSNorm | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """qkv: [T, (H + 2 Hkv) * D] (q, k, v packed): optional per-head q/k RMSNorm (Qwen3),
         rotary, KV write, attention. Returns [T, H, D]. This default runs them as separate ops.
@@ -145,7 +173,7 @@ class AttentionBackend(ABC):
         if q_norm is not None and k_norm is not None:
             q, k = q_norm(q), k_norm(k)
         q, k = rotary(positions, q, k)
-        return self.forward(q, k, v, kv_cache, meta)
+        return self.forward(q, k, v, kv_cache, meta, kv_scale)
 
 
 _REGISTRY: dict[str, type[AttentionBackend]] = {}

@@ -3,7 +3,9 @@
 Decode-only steps use the split-KV (flash-decoding) path, whose launch depends only on the
 batch size (CUDA-graph safe); any other step uses the mixed path with a per-step program list.
 On CUDA tensors ``forward_qkv`` runs q/k norm, rotary and the KV write as one kernel
-(``kernels/qkv_rope.py``) and then attends over the cache it just wrote.
+(``kernels/qkv_rope.py``) and then attends over the cache it just wrote. With an fp8 cache
+both kernels take the layer's (k_scale, v_scale) device tensor: the write divides by it, the
+attention multiplies it back in.
 """
 
 from __future__ import annotations
@@ -80,9 +82,12 @@ class TritonBackend(AttentionBackend):
         k_norm: RMSNorm | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not use_fused(qkv):  # CPU tensors, or fused kernels disabled
-            return super().forward_qkv(qkv, positions, rotary, q_norm, k_norm, kv_cache, meta)
+            return super().forward_qkv(
+                qkv, positions, rotary, q_norm, k_norm, kv_cache, meta, kv_scale
+            )
         from pagedllm.kernels.qkv_rope import qkv_rope_store
 
         q = qkv_rope_store(
@@ -98,11 +103,16 @@ class TritonBackend(AttentionBackend):
             q_norm.weight if q_norm is not None else None,
             k_norm.weight if k_norm is not None else None,
             q_norm.eps if q_norm is not None else 1e-6,
+            kv_scale,
         )
-        return self.attend(q, kv_cache, meta)
+        return self.attend(q, kv_cache, meta, kv_scale)
 
     def attend(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, TritonMetadata), "metadata not built by this backend"
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q may be a strided view
@@ -117,4 +127,5 @@ class TritonBackend(AttentionBackend):
             decode=meta.decode,
             num_splits=meta.num_splits,
             programs=meta.programs,
+            kv_scale=kv_scale,
         )

@@ -140,9 +140,9 @@ class _CountingBackend(TorchNativeBackend):
         super().__init__(*args)  # type: ignore[arg-type]
         self.writes = 0
 
-    def write_kv(self, kv_cache, k, v, slot_mapping) -> None:  # type: ignore[no-untyped-def]
+    def write_kv(self, kv_cache, k, v, slot_mapping, kv_scale=None) -> None:  # type: ignore[no-untyped-def]
         self.writes += 1
-        super().write_kv(kv_cache, k, v, slot_mapping)
+        super().write_kv(kv_cache, k, v, slot_mapping, kv_scale)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
