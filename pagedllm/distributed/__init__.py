@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pagedllm.distributed.parallel_state import (
     TensorParallelGroup,
+    abort_tensor_parallel,
     destroy_tensor_parallel,
     get_tp_group,
     get_tp_rank,
@@ -20,6 +21,7 @@ from pagedllm.distributed.parallel_state import (
 
 __all__ = [
     "TensorParallelGroup",
+    "abort_tensor_parallel",
     "destroy_tensor_parallel",
     "get_tp_group",
     "get_tp_rank",

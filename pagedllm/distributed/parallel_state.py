@@ -99,17 +99,20 @@ def get_tp_size() -> int:
 def init_tensor_parallel(
     rank: int,
     world_size: int,
-    init_method: str,
+    init_method: str | None = None,
     backend: str | None = None,
     device: torch.device | str = "cpu",
+    store: Any = None,
 ) -> TensorParallelGroup:
     """Join a ``world_size``-rank process group as ``rank`` and make it the TP group.
 
-    ``init_method`` is a ``torch.distributed`` rendezvous (``tcp://127.0.0.1:PORT`` or
-    ``file:///path``); ``backend`` defaults to NCCL for a CUDA ``device`` (one without an
-    index means ``cuda:<rank>``, the ranks of one host), else gloo. With ``world_size`` 1
-    nothing is initialized. Call before building the model: layers read their rank and size
-    at construction.
+    The rendezvous is ``init_method`` (``tcp://127.0.0.1:PORT`` or ``file:///path``) or a
+    ``torch.distributed`` ``store`` (the executor's ``TCPStore``, whose port rank 0 picked);
+    ``backend`` defaults to NCCL for a CUDA ``device`` (one without an index means
+    ``cuda:<rank>``, the ranks of one host), else gloo. One all-reduce runs right away, so the
+    communicator exists before any CUDA graph is captured. With ``world_size`` 1 nothing is
+    initialized. Call before building the model: layers read their rank and size at
+    construction.
     """
     global _tp_group
     if _tp_group.world_size > 1:
@@ -123,9 +126,29 @@ def init_tensor_parallel(
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(rank if device.index is None else device.index)
-    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+    if (init_method is None) == (store is None):
+        raise ValueError("give exactly one of init_method and store")
+    dist.init_process_group(
+        backend, init_method=init_method, store=store, world_size=world_size, rank=rank
+    )
     _tp_group = TensorParallelGroup(rank, world_size)
+    probe = torch.ones(1, device=torch.cuda.current_device() if device.type == "cuda" else "cpu")
+    _tp_group.all_reduce(probe)
+    if probe.item() != world_size:
+        raise RuntimeError(f"tensor-parallel probe gave {probe.item()}, not {world_size}")
     return _tp_group
+
+
+def abort_tensor_parallel() -> None:
+    """Abort the group's pending collectives (a peer died): a rank blocked in one raises
+    instead of waiting forever. Safe from another thread; the group is unusable afterwards."""
+    if _tp_group.world_size == 1:
+        return
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if dist.is_initialized():
+        distributed_c10d._abort_process_group()
 
 
 def destroy_tensor_parallel() -> None:

@@ -259,10 +259,12 @@ def run_engine_core(
     inp.setsockopt(zmq.RCVHWM, 0)
     inp.setsockopt(zmq.LINGER, 0)
     failed = False
+    engine: LLMEngine | None = None
     try:
         inp.bind(input_addr)
         config = EngineConfig(**config.to_kwargs())  # re-validate (device "auto") here
-        core = EngineCore(LLMEngine(config), out)
+        engine = LLMEngine(config)
+        core = EngineCore(engine, out)
         # What start-up built (model, graphs, tokenizer) lives as long as this process: move it
         # out of the cyclic collector's sight, whose full passes over it otherwise stall a
         # step by a quarter second now and then (measured on the CPU demo model).
@@ -285,6 +287,8 @@ def run_engine_core(
         logger.exception("Engine process failed")
         out.send(EngineError(f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
+        if engine is not None:
+            engine.shutdown()  # tensor-parallel workers, if any
         inp.close()
         out_sock.close()
         ctx.term()

@@ -1,7 +1,8 @@
 """The synchronous engine: validate and queue requests, then ``step()`` until done.
 
 One step = scheduler.schedule() (plain data: ``core/scheduler_output.py``) ->
-model_runner.execute_async() -> scheduler.update_from_output() -> output_processor (detokenize,
+executor.execute_async() (every tensor-parallel rank's model runner) ->
+scheduler.update_from_output() -> output_processor (detokenize,
 stop strings, logprobs) -> ``RequestOutput``s. A request of n completions is n ``Sequence``s.
 """
 
@@ -18,15 +19,16 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.core.sequence import Sequence, SequenceStatus
-from pagedllm.engine.input_processing import InputProcessor, ProcessedInput
+from pagedllm.engine.input_processing import InputProcessor, ProcessedInput, PromptInput
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.engine.stats import SchedulerStats
 from pagedllm.engine.tokenizer import load_generation_defaults, load_tokenizer
+from pagedllm.executor import make_executor
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.backend import CompiledGrammar
 from pagedllm.structured_output.manager import StructuredOutputManager
-from pagedllm.worker.model_runner import ModelRunner, StepHandle
+from pagedllm.worker.step_output import StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class _AwaitingGrammar:
 
     future: concurrent.futures.Future[CompiledGrammar]
     deadline: float  # time.monotonic() after which it fails
-    prompt: str | SequenceOf[int]
+    prompt: PromptInput
     params: SamplingParams
     inp: ProcessedInput
     arrival: float
@@ -54,13 +56,14 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(mc.tokenizer)
         self.generation_defaults = load_generation_defaults(mc.model, self.tokenizer)
         self.input_processor = InputProcessor(config, self.tokenizer)
-        self.runner = ModelRunner(config)
+        self.executor = make_executor(config)  # every tensor-parallel rank's model runner
+        self.runner = self.executor.runner  # rank 0's, in this process
         self.scheduler = Scheduler(
-            config.scheduler_config, config.cache_config, mc.max_model_len, self.runner.num_blocks
+            config.scheduler_config, config.cache_config, mc.max_model_len, self.executor.num_blocks
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured_output = StructuredOutputManager(
-            self.tokenizer, self.runner.vocab_size, sorted(self.generation_defaults.eos_token_ids)
+            self.tokenizer, self.executor.vocab_size, sorted(self.generation_defaults.eos_token_ids)
         )
         self._groups: dict[str, list[str]] = {}  # user request id -> sequence ids
         self._pending_finished: list[Sequence] = []
@@ -81,7 +84,7 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str | None,
-        prompt: str | SequenceOf[int],
+        prompt: PromptInput,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
@@ -121,7 +124,7 @@ class LLMEngine:
     def _queue(
         self,
         request_id: str,
-        prompt: str | SequenceOf[int],
+        prompt: PromptInput,
         params: SamplingParams,
         inp: ProcessedInput,
         arrival: float,
@@ -138,7 +141,7 @@ class LLMEngine:
                 self.structured_output.remove_sequence(seq.seq_id)
             raise
         self._groups[request_id] = [s.seq_id for s in seqs]
-        self.output_processor.add_request(prompt if isinstance(prompt, str) else None, seqs)
+        self.output_processor.add_request(_prompt_text(prompt), seqs)
 
     def _sequences(
         self,
@@ -161,6 +164,7 @@ class LLMEngine:
                 priority=priority,
                 arrival_time=arrival,
                 seed=None if params.seed is None else params.seed + i,
+                mm_features=inp.mm_features,
             )
             for i in range(params.n)
         ]
@@ -236,6 +240,7 @@ class LLMEngine:
         step N's tokens have advanced the grammars on the host, its sampling with their mask.
         """
         op = self.output_processor
+        self.executor.check_health()
         if self._awaiting_grammar:
             self._admit_compiled()
         if self._pending_finished:
@@ -248,21 +253,21 @@ class LLMEngine:
             else:
                 sched = self._schedule()
                 self.structured_output.fill_step(sched)
-                handle = self.runner.execute_async(sched)
+                handle = self.executor.execute_async(sched)
                 if sched.scheduled:
                     self._complete(sched, handle)
         else:
             sched = self._schedule()
             if self.structured_output.constrains(sched):
-                forward = self.runner.execute_model(sched)
+                forward = self.executor.execute_model(sched)
                 if self._inflight is not None:
                     self._complete(*self._inflight)  # step N's tokens advance the grammars
                 self.structured_output.fill_step(sched)
-                handle = self.runner.sample_tokens(
+                handle = self.executor.sample_tokens(
                     forward, sched.structured_seq_ids, sched.grammar_bitmask
                 )
             else:
-                handle = self.runner.execute_async(sched)  # also applies finishes when empty
+                handle = self.executor.execute_async(sched)  # also applies finishes when empty
                 if self._inflight is not None:
                     self._complete(*self._inflight)
             handle = handle if sched.scheduled else None
@@ -272,6 +277,10 @@ class LLMEngine:
             if out.finished:
                 self._groups.pop(out.request_id, None)
         return outputs
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.executor.shutdown()
 
     def _finished(self, done: list[Sequence]) -> None:
         self.output_processor.finish(done)
@@ -346,3 +355,11 @@ class LLMEngine:
             prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits,
         )
+
+
+def _prompt_text(prompt: PromptInput) -> str | None:
+    """The request's prompt text, if it came as text (the outputs echo it)."""
+    if isinstance(prompt, dict):
+        text = prompt.get("prompt")
+        return text if isinstance(text, str) else None
+    return prompt if isinstance(prompt, str) else None
