@@ -143,6 +143,7 @@ class MultiprocExecutor(Executor):
         store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False)
         seed = secrets.randbits(63)
         kwargs = config.to_kwargs()
+        kwargs["device"] = config.device_config.torch_device.type  # as rank 0 resolved it
         spawn = multiprocessing.get_context("spawn")
         self.procs = [
             spawn.Process(
