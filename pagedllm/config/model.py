@@ -7,7 +7,8 @@ but ``dtype="auto"`` depends on the device, so ``EngineConfig`` resolves it, wit
 ``resolve_torch_dtype``, once both groups exist.
 
 ``quantization`` is detected from the checkpoint's ``quantization_config`` (or named by the user,
-then it must agree with the checkpoint). The scheme's parameters that pagedllm cannot serve (a
+then it must agree with the checkpoint); ``fp8`` on a plain checkpoint quantizes its linear
+layers at load. The scheme's parameters that pagedllm cannot serve (a
 bit width, a packing layout, a quantized ``lm_head``) are rejected here, torch-free and before any
 weight is read, with a message naming the value and what is supported; the layer-side config
 (``layers/quantization``) then builds the per-layer methods from the same section.
@@ -31,10 +32,11 @@ DEMO_MODEL_DIR = Path(__file__).parent.parent / "assets" / "demo-model"
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 # Weight quantization methods pagedllm serves (``quant_method`` of ``quantization_config``).
-QUANTIZATION_METHODS = ("gptq", "awq", "gguf")
+QUANTIZATION_METHODS = ("gptq", "awq", "fp8", "gguf")
 GPTQ_BITS = (4, 8)
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_BITS = (4,)
+FP8_ACTIVATION_SCHEMES = ("dynamic", "static")
 
 
 @dataclass
@@ -88,7 +90,8 @@ class ModelConfig:
         metadata={
             "help": "weight quantization method of the checkpoint; must agree with its "
             "config.json quantization_config (gguf: the model is a .gguf file, dequantized at "
-            "load)",
+            "load; fp8 on a plain bf16/fp16/fp32 checkpoint: its linear weights quantized to "
+            "fp8 e4m3 at load, per output channel, activations per token)",
             "default_help": "detected from config.json's quantization_config",
             "choices": QUANTIZATION_METHODS,
         },
@@ -153,9 +156,9 @@ def resolve_quantization(requested: str | None, raw: dict[str, Any]) -> str | No
     """The quantization method of a checkpoint whose ``config.json`` is ``raw``.
 
     ``requested`` (the user's ``quantization``) must match the checkpoint's ``quant_method``;
-    a plain checkpoint with a requested method is an error (quantizing at load is not
-    supported yet). A ``quant_method`` other than gptq / awq is returned as it is: the layers'
-    registry (``layers/quantization``) is the judge of those and names what it supports.
+    on a plain checkpoint only ``fp8`` can be requested (quantized at load). A ``quant_method``
+    other than gptq / awq / fp8 is returned as it is: the layers' registry
+    (``layers/quantization``) is the judge of those and names what it supports.
     """
     if requested is not None and requested not in QUANTIZATION_METHODS:
         raise config_error(
@@ -165,10 +168,13 @@ def resolve_quantization(requested: str | None, raw: dict[str, Any]) -> str | No
         raise config_error("quantization='gguf' needs a .gguf model file.")
     section = raw.get("quantization_config") or None
     if section is None:
+        if requested == "fp8":
+            return "fp8"  # quantized at load
         if requested is not None:
             raise config_error(
                 f"quantization={requested!r} needs a {requested} checkpoint (a config.json "
-                "quantization_config); quantizing a plain checkpoint at load is not supported."
+                "quantization_config); a plain checkpoint can only be quantized at load to "
+                "fp8 (quantization='fp8')."
             )
         return None
     method = str(section.get("quant_method", "")).lower()
@@ -180,6 +186,8 @@ def resolve_quantization(requested: str | None, raw: dict[str, Any]) -> str | No
         _check_gptq(section)
     elif method == "awq":
         _check_awq(section)
+    elif method == "fp8":
+        _check_fp8(section)
     return method or None
 
 
@@ -237,6 +245,21 @@ def _check_awq(section: dict[str, Any]) -> None:
         raise _unsupported("awq", "version", version, "'gemm'")
     if not section.get("zero_point", True):
         raise _unsupported("awq", "zero_point", False, "zero_point=true")
+
+
+def _check_fp8(section: dict[str, Any]) -> None:
+    """fp8: e4m3 weights with per-tensor or per-channel scales; dynamic or static activations."""
+    scheme = section.get("activation_scheme", "dynamic")
+    if scheme not in FP8_ACTIVATION_SCHEMES:
+        raise _unsupported("fp8", "activation_scheme", scheme, ", ".join(FP8_ACTIVATION_SCHEMES))
+    block = section.get("weight_block_size")
+    if block is not None:
+        raise _unsupported(
+            "fp8", "weight_block_size", block, "per-tensor or per-channel weight scales (null)"
+        )
+    fmt = section.get("fmt", "e4m3")
+    if str(fmt).lower() != "e4m3":
+        raise _unsupported("fp8", "fmt", fmt, "'e4m3'")
 
 
 def resolve_torch_dtype(dtype: str, hf_dtype: torch.dtype | None, device_type: str) -> torch.dtype:

@@ -158,7 +158,9 @@ def test_quant_config_reaches_every_linear_layer(
     tiny_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _with_quant_config(tiny_models("llama"), tmp_path / "m", {"quant_method": "fake"})
-    with pytest.raises(ValueError, match=r"quantization method 'fake'.*\(supported: awq, gptq\)"):
+    with pytest.raises(
+        ValueError, match=r"quantization method 'fake'.*\(supported: awq, fp8, gptq\)"
+    ):
         load_model(_cfg(path, load_format="dummy"))
     monkeypatch.setattr(quant, "QUANTIZATION_METHODS", {})
     quant.register_quantization_config("fake")(_FakeConfig)

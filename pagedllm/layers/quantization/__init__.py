@@ -6,8 +6,9 @@ plain checkpoints). The model passes it down to every linear layer, which calls
 :func:`get_linear_method`; without a config, or where the config returns ``None`` for a
 layer, that is :class:`UnquantizedLinearMethod`. A scheme is a module that defines a config
 and a method and decorates the config with ``@register_quantization_config(name)``: GPTQ
-(``gptq.py``) and AWQ (``awq.py``) so far, both weight-only integer formats
-(``weight_only.py``, ``packing.py``). ``config/model.py`` checks a checkpoint's bits and
+(``gptq.py``) and AWQ (``awq.py``), both weight-only integer formats (``weight_only.py``,
+``packing.py``), and fp8 (``fp8.py``), which also quantizes a plain checkpoint at load when
+the user asks for ``quantization="fp8"``. ``config/model.py`` checks a checkpoint's bits and
 layout torch-free before anything is built.
 """
 
@@ -55,6 +56,10 @@ def get_quant_config(config: EngineConfig) -> QuantizationConfig | None:
     """The quantization config of the model in ``config`` (``None``: not quantized)."""
     section = config.model_config.arch.raw.get("quantization_config")
     if not section:
+        if config.model_config.quantization == "fp8":  # a plain checkpoint, quantized at load
+            from pagedllm.layers.quantization.fp8 import Fp8Config
+
+            return Fp8Config.quantize_at_load()
         return None
     name = str(section.get("quant_method", "")).lower()
     if name not in QUANTIZATION_METHODS:
@@ -75,4 +80,4 @@ def get_linear_method(
 
 
 # The schemes register themselves on import (after the registry above exists).
-from pagedllm.layers.quantization import awq, gptq  # noqa: E402, F401
+from pagedllm.layers.quantization import awq, fp8, gptq  # noqa: E402, F401

@@ -65,7 +65,9 @@ def test_plain_checkpoint(llama_dir: Path) -> None:
     assert ModelConfig(model=str(llama_dir)).quantization is None
     with pytest.raises(ValueError, match="quantization='gptq' needs a gptq checkpoint"):
         ModelConfig(model=str(llama_dir), quantization="gptq")
-    with pytest.raises(ValueError, match="quantization must be one of gptq, awq, gguf; got 'fp4'"):
+    with pytest.raises(
+        ValueError, match="quantization must be one of gptq, awq, fp8, gguf; got 'fp4'"
+    ):
         ModelConfig(model=str(llama_dir), quantization="fp4")
 
 
@@ -105,7 +107,7 @@ def test_unknown_method_is_named_by_the_layer_registry(tmp_path: Path) -> None:
     path = _model_dir(tmp_path, "gptq-llama-int8-g64", quant_method="bitsandbytes")
     cfg = EngineConfig(model=str(path), device="cpu", load_format="dummy")
     assert cfg.model_config.quantization == "bitsandbytes"
-    with pytest.raises(ValueError, match=r"'bitsandbytes'.*\(supported: awq, gptq\)"):
+    with pytest.raises(ValueError, match=r"'bitsandbytes'.*\(supported: awq, fp8, gptq\)"):
         load_model(cfg)
 
 

@@ -1,0 +1,93 @@
+"""GPU: the fp8 GEMM (``torch._scaled_mm``) against the CPU dequantize-then-matmul reference, and
+fp8 models on CUDA against the same model on CPU.
+
+Run: ``python -m pytest -q -p no:cacheprovider -m gpu tests/layers/quantization/test_fp8_gpu.py``
+
+fp8 products are exact in the float32 accumulator, so the GPU differs from the reference only by
+summation order and the output dtype's rounding: float32 outputs agree to ~1e-5 (relative),
+bfloat16 / float16 outputs to their rounding (2^-8 / 2^-11) plus the reference's own rounding of
+the dequantized operands in that dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm.layers.quantization.fp8_utils import (
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_rows,
+    scaled_mm_supported,
+)
+
+pytestmark = pytest.mark.gpu
+
+# (M, K, N): decode batches, a prefill chunk, Llama-3-8B's and Qwen2.5-14B's layer shapes.
+SHAPES = [
+    (1, 64, 48),
+    (3, 128, 96),
+    (17, 4096, 6144),
+    (128, 4096, 1024),
+    (257, 5120, 7168),
+    (1, 13824, 5120),
+]
+# dtype -> relative tolerance of the output (its rounding, twice: reference and GPU).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _operands(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-1, 1, m).unsqueeze(1)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 0, n).unsqueeze(1)
+    return (*quantize_rows(x), *quantize_rows(w), torch.randn(n, generator=gen))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_scaled_mm_matches_the_cpu_reference(m: int, k: int, n: int, dtype: torch.dtype) -> None:
+    xq, xs, wq, ws, bias = _operands(m, k, n, seed=m + k + n)
+    ref = fp8_linear_reference(xq, xs, wq, ws, torch.float32, bias)
+    cuda = [t.cuda() for t in (xq, xs, wq, ws)]
+    assert scaled_mm_supported(cuda[0], cuda[2])  # the _scaled_mm path, not the fallback
+    out = fp8_linear(*cuda, dtype, bias.to("cuda", dtype))
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert _rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+    # Element-wise too: no row or column may hide under the global norm.
+    scale = ref.abs().amax(dim=1, keepdim=True)
+    assert ((out.float().cpu() - ref).abs() / scale).max() < 4 * TOLERANCE[dtype]
+
+
+def test_unaligned_shapes_fall_back_on_cuda() -> None:
+    xq, xs, wq, ws, bias = _operands(5, 40, 24, seed=0)
+    cuda = [t.cuda() for t in (xq, xs, wq, ws)]
+    assert not scaled_mm_supported(cuda[0], cuda[2])
+    out = fp8_linear(*cuda, torch.float32, bias.cuda())
+    ref = fp8_linear_reference(xq, xs, wq, ws, torch.float32, bias)
+    assert _rel_err(out.cpu(), ref) < 1e-5
+
+
+def test_fp8_model_on_cuda_matches_cpu(llama_dir: Path) -> None:
+    """The tiny model quantized at load: float32 on CUDA (the _scaled_mm path into float32)
+    gives the CPU path's greedy tokens; bfloat16 with CUDA graphs equals bfloat16 eager."""
+    from pagedllm import LLM, SamplingParams
+    from tests.fixtures.quantized_models import REF_PROMPTS
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in REF_PROMPTS]
+
+    def greedy(**kw: object) -> list[list[int]]:
+        llm = LLM(str(llama_dir), quantization="fp8", **kw)
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    cpu = greedy(device="cpu", dtype="float32")
+    assert greedy(device="cuda", dtype="float32", num_gpu_blocks=256) == cpu
+    graphs = greedy(device="cuda", dtype="bfloat16", num_gpu_blocks=256)
+    eager = greedy(device="cuda", dtype="bfloat16", num_gpu_blocks=256, enforce_eager=True)
+    assert graphs == eager and all(len(t) == 8 for t in graphs)
