@@ -1,6 +1,9 @@
 """Profile engine steps on the GPU: kernel time by name for prefill-heavy and decode steps.
 
-python tools/profile_step.py MODEL_DIR [--enforce-eager]
+python tools/profile_step.py MODEL_DIR [--enforce-eager] [-tp N] [--num-seqs N]
+
+With -tp > 1 the table is rank 0's, and the share of NCCL kernels (the all-reduces) in the
+decode step's GPU time is printed.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     args = ap.parse_args()
     llm = LLM(
         args.model,
         load_format="dummy",
         max_num_batched_tokens=8192,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     eng = llm.llm_engine
     g = torch.Generator().manual_seed(0)
@@ -59,6 +64,11 @@ def main() -> None:
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / 10
     print(f"== decode steps (batch {n}): {dt * 1e3:.2f} ms/step wall")
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events)
+    nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower())
+    if total:
+        print(f"== all-reduce (NCCL kernels) share of decode GPU time: {nccl / total:.1%}")
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
     )
@@ -66,6 +76,7 @@ def main() -> None:
     for _ in range(10):
         eng.step()
     print(f"== decode steps, no profiler: {(time.perf_counter() - t0) * 100:.2f} ms/step")
+    eng.shutdown()
 
 
 if __name__ == "__main__":
