@@ -45,8 +45,8 @@ def bind_kv_caches(
     caches = backend.allocate_kv_cache(num_blocks, spec, device)
     for layer, cache in zip(attn_layers, caches, strict=True):
         layer.kv_cache = cache
-        if layer.kv_scale.device != device:  # the kernels read the scales on the device
-            layer.kv_scale = layer.kv_scale.to(device)
+        if layer.kv_scale.device != cache.device:  # the kernels read the scales there
+            layer.kv_scale = layer.kv_scale.to(cache.device)
     return caches
 
 
