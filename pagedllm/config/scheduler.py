@@ -5,6 +5,9 @@ The scheduler (``core/scheduler.py``) reads this group, the ``CacheConfig`` and 
 they depend on other groups: ``max_num_batched_tokens`` (unset: see
 ``default_max_num_batched_tokens``, which needs ``max_model_len``) and ``async_scheduling``
 (unset: on for CUDA, off for CPU).
+
+Requests with images add the encoder's share of a step (``encoder_token_budget``), which the
+scheduler enforces and the input processor checks each image against.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ def default_max_num_batched_tokens(
     if enable_chunked_prefill:
         return max(DEFAULT_MAX_NUM_BATCHED_TOKENS[device_type], max_num_seqs)
     return max(max_model_len, max_num_seqs)
+
+
+# The encoder budget per step is the step's token budget, but never below this: Qwen2-VL's
+# image processor makes at most 16384 embeddings of an image (its default max_pixels), so any
+# image it accepts can be encoded.
+MIN_DEFAULT_ENCODER_TOKENS = 16384
+
+
+def encoder_token_budget(config: SchedulerConfig) -> int:
+    """Image embeddings (vision-encoder output tokens) one step may compute."""
+    assert config.max_num_batched_tokens is not None
+    return max(config.max_num_batched_tokens, MIN_DEFAULT_ENCODER_TOKENS)
 
 
 @dataclass

@@ -14,11 +14,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
-def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
-    """Chained content hash of one full block: depends on every token before it."""
+def hash_block(
+    parent: bytes | None, token_ids: Sequence[int], extra_keys: Sequence[bytes] = ()
+) -> bytes:
+    """Chained content hash of one full block: depends on every token before it, and on the
+    ``extra_keys`` of the block (the content hashes of the images whose placeholder tokens it
+    holds: the same placeholder ids stand for different pictures)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(parent or b"\0")
     h.update(array("q", token_ids).tobytes())
+    for key in extra_keys:
+        h.update(b"\x01")
+        h.update(key)
     return h.digest()
 
 

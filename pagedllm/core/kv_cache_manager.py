@@ -1,4 +1,9 @@
-"""Per-request block tables on top of the block pool, with automatic prefix caching."""
+"""Per-request block tables on top of the block pool, with automatic prefix caching.
+
+A block's prefix-cache key chains its parent's key and its token ids; a block that holds image
+placeholder tokens adds the content hash of each such image, so the same image in a later
+request is a hit and a different one (same placeholder ids) never is.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +43,12 @@ class KVCacheManager:
 
     def _update_hashes(self, seq: Sequence) -> None:
         bs = self.block_size
+        feats = seq.mm_features
         for i in range(len(seq.block_hashes), seq.num_tokens // bs):
             parent = seq.block_hashes[-1] if i else None
-            seq.block_hashes.append(hash_block(parent, seq.all_token_ids[i * bs : (i + 1) * bs]))
+            lo, hi = i * bs, (i + 1) * bs
+            extra = [f.content_hash for f in feats if f.offset < hi and f.end > lo] if feats else ()
+            seq.block_hashes.append(hash_block(parent, seq.all_token_ids[lo:hi], extra))
 
     def find_cached_prefix(self, seq: Sequence) -> list[KVBlock]:
         """Longest run of cached full blocks matching the request's leading tokens.

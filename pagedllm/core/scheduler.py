@@ -18,6 +18,10 @@ them and the scheduler rolls ``num_computed_tokens`` back over the rejected ones
 sequence, like a penalized one, waits for its tokens before its next step). Nothing sets a
 drafter yet: it is the contract a drafter (n-gram, a draft model) will plug into.
 
+Images: a prompt span that reaches an image the worker has not encoded yet costs the image's
+embedding count from the step's encoder budget (``max_num_encoder_tokens``); a span that would
+overdraw it stops before the image (the rest waits for a later step).
+
 Seats: never more than ``max_num_seqs`` sequences run. A leader of n > 1 sequences claims
 seats for the siblings it forks once its prompt is computed, capped at ``max_num_seqs`` so it
 can always start once the batch drains; siblings that find no seat at fork time queue right
@@ -32,7 +36,7 @@ import time
 from collections.abc import Callable
 
 from pagedllm.config.cache import CacheConfig
-from pagedllm.config.scheduler import SchedulerConfig
+from pagedllm.config.scheduler import SchedulerConfig, encoder_token_budget
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler_output import (
     NewSequenceData,
@@ -63,6 +67,8 @@ class Scheduler:
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_model_len = max_model_len
         self.chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.max_num_encoder_tokens = encoder_token_budget(scheduler_config)
+        self._encoder_budget = 0  # what is left of it in the step being built
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -94,6 +100,13 @@ class Scheduler:
                 f"Request {seq.request_id!r} needs up to {longest} tokens ({need} KV blocks) but "
                 f"the KV cache holds only {self.kv.pool.num_blocks} blocks of {self.block_size} "
                 "tokens; lower max_tokens or give the KV cache more memory."
+            )
+        image_tokens = sum(f.length for f in seq.mm_features)
+        if image_tokens > self.max_num_encoder_tokens and not self.chunked_prefill:
+            raise ValueError(
+                f"Request {seq.request_id!r} has {image_tokens} image tokens, more than "
+                f"max_num_encoder_tokens ({self.max_num_encoder_tokens}), and without chunked "
+                "prefill its prompt must run in one step."
             )
         self.sequences[seq.seq_id] = seq
         self._enqueue(self.waiting, seq)
@@ -140,6 +153,7 @@ class Scheduler:
         self._finished_on_worker = []
         self._step_seqs = []
         budget = self.max_num_batched_tokens
+        self._encoder_budget = self.max_num_encoder_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -152,6 +166,12 @@ class Scheduler:
                 i += 1  # waits: a fork's tail for room, a penalty sequence for its token, ...
                 continue
             num_new = min(num_new, budget)
+            enc = None
+            if seq.mm_done < len(seq.mm_features):
+                num_new, *enc = self._encoder_cut(seq, seq.num_computed_tokens, num_new)
+                if num_new == 0:
+                    i += 1  # its next image does not fit this step's encoder budget
+                    continue
             drafts = self._drafts(seq, num_new, budget)
             num_new += len(drafts)
             while not self.kv.allocate(seq, num_new):
@@ -163,6 +183,9 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 break
             self._add(out, seq, num_new, drafts)
+            if enc:
+                self._encoder_budget -= enc[0]
+                seq.mm_done = enc[1]
             budget -= num_new
             i += 1
         if not out.preempted_seq_ids:
@@ -265,7 +288,9 @@ class Scheduler:
         """The worker learns ``seq`` now: its prompt here, its outputs as ``new_token_ids``."""
         seq.on_worker = True
         seq.num_tokens_sent = seq.num_prompt_tokens
-        return NewSequenceData(seq.seq_id, seq.prompt_token_ids, seq.params, seq.seed, seq.index)
+        return NewSequenceData(
+            seq.seq_id, seq.prompt_token_ids, seq.params, seq.seed, seq.index, seq.mm_features
+        )
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         seats = sum(self._seats(r) for r in self.running)  # <= max_num_seqs at all times
@@ -282,8 +307,18 @@ class Scheduler:
                 if not self.chunked_prefill:
                     break
                 num_new = budget
+            enc = None
+            if seq.mm_done < len(seq.mm_features):
+                num_new, *enc = self._encoder_cut(
+                    seq, seq.num_computed_tokens + num_cached, num_new
+                )
+                if num_new == 0:
+                    break
             if not self.kv.allocate(seq, num_new, cached):
                 break
+            if enc:
+                self._encoder_budget -= enc[0]
+                seq.mm_done = enc[1]
             self.waiting.pop(0)
             seq.num_computed_tokens += num_cached
             if seq.num_cached_tokens < 0:
@@ -295,6 +330,24 @@ class Scheduler:
             self._enqueue(self.running, seq)
             self._add(out, seq, num_new)
             budget -= num_new
+
+    def _encoder_cut(self, seq: Sequence, start: int, num_new: int) -> tuple[int, int, int]:
+        """(how many of ``num_new`` tokens from ``start`` fit the step's encoder budget, the
+        encoder tokens they need, ``mm_done`` once they are scheduled). 0 tokens: none fit;
+        without chunked prefill, all or none."""
+        feats = seq.mm_features
+        end, cost, k = start + num_new, 0, seq.mm_done
+        while k < len(feats) and feats[k].offset < end:
+            f = feats[k]
+            if f.end > start:  # not wholly behind computed (or cached) tokens: encode it
+                if cost + f.length > self._encoder_budget:
+                    fits = f.offset - start if f.offset > start else 0
+                    if fits < num_new and not self.chunked_prefill:
+                        fits = 0
+                    return self._encoder_cut(seq, start, fits) if fits else (0, 0, seq.mm_done)
+                cost += f.length
+            k += 1
+        return num_new, cost, k
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

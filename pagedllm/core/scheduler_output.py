@@ -22,6 +22,29 @@ from pagedllm.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
+class MultiModalFeature:
+    """One image of a prompt, as plain data: where its placeholder tokens are, what the vision
+    encoder needs to compute their embeddings, and the image's content hash (the prefix cache
+    keys blocks holding its tokens by it, and the worker's encoder cache shares one result per
+    hash).
+
+    ``pixel_values`` is the image processor's output, a float32 numpy array
+    ``[num_patches, patch_dim]``; ``grid_thw`` its (t, h, w) patch grid. The placeholder span
+    is prompt positions ``[offset, offset + length)``, one per encoder output row.
+    """
+
+    offset: int
+    length: int
+    content_hash: bytes
+    pixel_values: Any
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(slots=True)
 class NewSequenceData:
     """A sequence the worker has not seen yet (its first step, or it was forked)."""
 
@@ -30,6 +53,7 @@ class NewSequenceData:
     params: SamplingParams
     seed: int | None  # the sequence's own generator seed (params.seed + its index)
     index: int = 0  # which of the request's n completions (0 computes prompt logprobs)
+    mm_features: list[MultiModalFeature] = field(default_factory=list)  # by offset
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from pagedllm.core.scheduler_output import MultiModalFeature
 from pagedllm.sampling_params import SamplingParams
 
 _ORDER = itertools.count()
@@ -46,6 +47,10 @@ class Sequence:
 
     ``num_tokens_sent`` counts the tokens the worker has been told about, so each step sends
     only the new ones; ``on_worker`` says whether the worker holds its state.
+
+    ``mm_features`` are the prompt's images (by offset); the first ``mm_done`` of them need
+    no more encoder work (encoded by the worker, which keeps them until the sequence finishes,
+    or wholly behind a prefix-cache hit).
     """
 
     seq_id: str
@@ -71,6 +76,8 @@ class Sequence:
     on_worker: bool = False
     blocks_sent: int = -1  # block-table entries the worker knows; -1: send the whole table
     num_preemptions: int = 0
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
+    mm_done: int = 0
     first_scheduled_time: float | None = None
     order: int = field(default_factory=lambda: next(_ORDER))
 

@@ -8,19 +8,32 @@ meet against this model and engine is written once, here: a non-empty prompt of 
 the vocabulary leaving room for output within ``max_model_len``, logprob counts,
 ``logit_bias`` and ``allowed_token_ids`` ids within the vocabulary (and ``bad_words`` turned
 into token ids), a reachable ``min_tokens``, and a priority only under
-priority scheduling. The OpenAI server reads its limits from the same object and keeps only
-its HTTP-specific checks (OpenAI's wording for context-length errors, request-size bounds).
+priority scheduling. A multimodal model's prompt may carry images
+(``{"prompt" | "prompt_token_ids": ..., "multi_modal_data": {"image": ...}}``): they are
+decoded and checked (count, size, decodable), run through the model's image processor, and
+their placeholders expanded (``pagedllm/multimodal/processor.py``); a placeholder token without
+an image is refused, and a text-only model refuses images. The OpenAI server reads its limits
+from the same object and keeps only its HTTP-specific checks (OpenAI's wording for
+context-length errors, request-size bounds).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from pagedllm.config import EngineConfig
+from pagedllm.config.scheduler import encoder_token_budget
+from pagedllm.core.scheduler_output import MultiModalFeature
+from pagedllm.multimodal.processor import ImageProcessor, is_multimodal
 from pagedllm.sampling_params import SamplingParams
+
+# What a prompt can be: text, token ids, or a dict with either and optional images.
+PromptInput = str | Sequence[int] | dict[str, Any]
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "multi_modal_data", "mm_features")
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,15 @@ class ProcessedInput:
 
     prompt_token_ids: list[int]
     max_tokens: int
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
+
+    @property
+    def engine_prompt(self) -> list[int] | dict[str, Any]:
+        """What to hand to another engine's ``add_request`` (the API process sends this):
+        the token ids, with the processed images when there are any."""
+        if not self.mm_features:
+            return self.prompt_token_ids
+        return {"prompt_token_ids": self.prompt_token_ids, "mm_features": self.mm_features}
 
 
 class InputProcessor:
@@ -48,17 +70,68 @@ class InputProcessor:
         self.vocab_size: int = config.model_config.arch.vocab_size
         self.max_model_len: int = max_model_len
         self.priority_scheduling = config.scheduler_config.scheduling_policy == "priority"
+        sched = config.scheduler_config
+        self.max_encoder_tokens = encoder_token_budget(sched)
+        self.images: ImageProcessor | None = None
+        raw = config.model_config.arch.raw
+        if is_multimodal(raw):
+            assert config.model_config.model is not None
+            # --limit-mm-per-prompt and --allowed-local-media-path are not engine flags yet:
+            # no count limit beyond max_model_len, file:// URLs refused.
+            self.images = ImageProcessor(config.model_config.model, raw)
 
     def process(
-        self, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0
+        self, prompt: PromptInput, params: SamplingParams, priority: int = 0
     ) -> ProcessedInput:
-        """Check the priority, tokenize the prompt, check the request; ValueError if it can't
-        run."""
+        """Check the priority, tokenize the prompt (and process its images), check the
+        request; ValueError if it can't run."""
         self.check_priority(priority)
-        prompt_ids = self.tokenize(prompt)
+        prompt_ids, features = self.tokenize_multimodal(prompt)
         max_tokens = self.check_prompt(prompt_ids, params)
         params._bad_words_token_ids = self.bad_word_token_ids(params.bad_words or [])
-        return ProcessedInput(prompt_ids, max_tokens)
+        return ProcessedInput(prompt_ids, max_tokens, features)
+
+    def tokenize_multimodal(self, prompt: PromptInput) -> tuple[list[int], list[MultiModalFeature]]:
+        """Token ids (image placeholders expanded) and image features of any prompt form."""
+        images: Any = None
+        features: list[MultiModalFeature] | None = None
+        if isinstance(prompt, dict):
+            unknown = sorted(set(prompt) - set(_PROMPT_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"Unknown prompt keys {unknown}; a prompt dict takes {list(_PROMPT_KEYS)}."
+                )
+            if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+                raise ValueError("A prompt dict needs exactly one of 'prompt', 'prompt_token_ids'.")
+            mm = prompt.get("multi_modal_data")
+            if mm is not None:
+                if not isinstance(mm, dict) or sorted(mm) != ["image"]:
+                    got = sorted(mm) if isinstance(mm, dict) else type(mm).__name__
+                    raise ValueError(f"multi_modal_data takes only 'image' (got {got}).")
+                images = mm["image"]
+            features = prompt.get("mm_features")
+            text = prompt.get("prompt", prompt.get("prompt_token_ids"))
+            prompt_ids = self.tokenize(text)  # type: ignore[arg-type]
+        else:
+            prompt_ids = self.tokenize(prompt)
+        if self.images is None:
+            if images is not None or features:
+                arch = self.config.model_config.arch.architecture
+                raise ValueError(f"Model {arch} does not take images (it is text-only).")
+            return prompt_ids, []
+        if features is not None:  # processed by another InputProcessor (the API process)
+            if images is not None:
+                raise ValueError("Pass either multi_modal_data or mm_features, not both.")
+            self.images.check_features(prompt_ids, features)
+            return prompt_ids, list(features)
+        features = self.images.features(self.images.load_images(images)) if images else []
+        for i, f in enumerate(features):
+            if f.length > self.max_encoder_tokens:
+                raise ValueError(
+                    f"Image {i} needs {f.length} encoder tokens, more than "
+                    f"max_num_encoder_tokens ({self.max_encoder_tokens}); send a smaller image."
+                )
+        return self.images.expand(prompt_ids, features), features
 
     def bad_word_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word's token ids as written and after a space (the two ways a word

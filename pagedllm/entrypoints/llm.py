@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from pagedllm.config import EngineConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.engine.tokenizer import apply_chat_template
+from pagedllm.multimodal.chat import extract_images
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -83,17 +84,18 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them (with
         ``tools``, OpenAI-style function definitions, for templates that describe them), then
-        generate."""
+        generate. Content parts ``{"type": "image_url", "image_url": {"url": ...}}`` or
+        ``{"type": "image", "image": PIL.Image}`` give a multimodal model its images."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
-        prompts: list[PromptType] = [
-            {
-                "prompt_token_ids": apply_chat_template(
-                    tok, c, add_generation_prompt, chat_template, tools
-                )
-            }
-            for c in convs  # type: ignore[arg-type]
-        ]
+        prompts: list[PromptType] = []
+        for conv in convs:
+            conv, images = extract_images(conv)  # type: ignore[arg-type]
+            ids = apply_chat_template(tok, conv, add_generation_prompt, chat_template, tools)
+            prompt: dict[str, Any] = {"prompt_token_ids": ids}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(
@@ -136,7 +138,9 @@ class LLM:
         return [r for r in results if r is not None]
 
 
-def _dict_prompt(item: dict[str, Any]) -> str | list[int]:
+def _dict_prompt(item: dict[str, Any]) -> str | list[int] | dict[str, Any]:
+    if "multi_modal_data" in item:  # the input processor checks and processes it whole
+        return item
     if "prompt_token_ids" in item:
         return list(item["prompt_token_ids"])
     if "prompt" in item:

@@ -5,6 +5,10 @@ Owns the model, the KV cache tensors (allocated by the attention backend from th
 (``sequence_states.py``), which each step's plain-data diffs (``core/scheduler_output.py``)
 keep current. Logits are computed only for the rows that are sampled or whose prompt logprobs
 were asked for. One host sync per step reads back the sampled ids (and logprobs when asked).
+
+A multimodal model (``model.multimodal``) also gets M-RoPE ids for its rotary and, in a step
+whose spans reach image placeholder tokens, those rows' embeddings: images not yet in the
+encoder cache (``multimodal/encoder_cache.py``) are encoded first, all in one vision-tower call.
 """
 
 from __future__ import annotations
@@ -82,7 +86,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids (device)
         self._last_rows: dict[str, int] = {}  # sequence id -> row in _last_sampled
-        self.states = SequenceStates(self.device)  # every live sequence, from the steps
+        self.multimodal = bool(getattr(self.model, "multimodal", False))
+        merge = getattr(self.model, "spatial_merge_size", None) if self.multimodal else None
+        self.states = SequenceStates(self.device, merge)  # every live sequence, from the steps
         if use_fused(next(self.model.parameters())):  # CUDA, fused kernels enabled
             tune_skinny_linears(self.model)
         self.num_blocks = determine_num_blocks(config, self.kv_spec, self)
@@ -116,9 +122,40 @@ class ModelRunner:
             self.graphs.capture()
 
     def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        mm: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+        if mm is None:
+            return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, *mm)
+
+    def _image_rows(self, inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input rows, their image embeddings) of the step; encodes the images that the
+        encoder cache does not hold yet, in one call."""
+        cache = self.states.encoder_cache
+        todo = {}
+        for f, *_ in inp.mm_spans:
+            if cache.get(f.content_hash) is None:
+                todo.setdefault(f.content_hash, f)
+        if todo:
+            feats = list(todo.values())
+            pixels = torch.from_numpy(np.concatenate([f.pixel_values for f in feats]))
+            out = self.model.encode_images(
+                pixels.to(self.device), [tuple(f.grid_thw) for f in feats]
+            )
+            for f, emb in zip(feats, out, strict=True):
+                cache.put(f.content_hash, emb)
+        parts, rows = [], []
+        for f, lo, hi, row in inp.mm_spans:
+            emb = cache.get(f.content_hash)
+            if emb is None:  # encoded above but held by nobody: cannot happen for a live span
+                raise RuntimeError("image embeddings missing from the encoder cache")
+            parts.append(emb[lo:hi])
+            rows.extend(range(row, row + hi - lo))
+        return h2d(rows, torch.int64, self.device), torch.cat(parts)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for its results."""
@@ -191,14 +228,20 @@ class ModelRunner:
         self, inp: StepInputs, fixups: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         num_seqs = inp.seq_lens.shape[0]
-        if self.graphs is not None and inp.is_decode and num_seqs <= self.graphs.max_batch:
+        rope = inp.positions if inp.rope_positions is None else inp.rope_positions
+        if (
+            self.graphs is not None
+            and inp.is_decode
+            and num_seqs <= self.graphs.max_batch
+            and rope.ndim == 1
+            and not inp.mm_spans
+        ):
             return self.graphs.run(
-                inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens, inp.block_tables,
-                fixups,
-            )  # fmt: skip
+                inp.input_ids, rope, inp.slot_mapping, inp.seq_lens, inp.block_tables, fixups
+            )
         dev = self.device
         ids, positions, slots = h2d_packed(
-            [inp.input_ids, inp.positions, inp.slot_mapping], torch.int64, dev
+            [inp.input_ids, rope, inp.slot_mapping], torch.int64, dev
         )
         query_start, seq_lens, tables = h2d_packed(
             [inp.query_start, inp.seq_lens, inp.block_tables], torch.int32, dev
@@ -218,7 +261,8 @@ class ModelRunner:
         meta = self.backend.build_metadata(common)
         if fixups is not None:
             ids[fixups[0]] = fixups[1]
-        return self._forward(ids, positions, meta)
+        mm = self._image_rows(inp) if inp.mm_spans else None
+        return self._forward(ids, positions, meta, mm)
 
     def _sample(
         self,

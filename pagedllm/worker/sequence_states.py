@@ -5,17 +5,28 @@ table in ``block_table.py``) is created when the scheduler first sends it (``New
 updated from each step's diffs (``ScheduledSequence``: new tokens the host learnt, new or
 replaced blocks) and dropped when the scheduler reports it finished. It survives preemption:
 the generator keeps its position, so a seeded sequence samples the same tokens whether or not
-it was preempted. Nothing here reads scheduler objects, so a worker in another process can keep
-the same state from the same steps.
+it was preempted. A sequence with images (a multimodal model) also keeps its images' features,
+its M-RoPE position ids and delta (``multimodal/mrope.py``), and a reference to its images'
+entries in the encoder cache (``multimodal/encoder_cache.py``) until it finishes, so neither
+chunked prefill nor preemption encodes an image twice. Nothing here reads scheduler objects,
+so a worker in another process can keep the same state from the same steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from pagedllm.core.scheduler_output import NewSequenceData, ScheduledSequence, SchedulerOutput
+from pagedllm.core.scheduler_output import (
+    MultiModalFeature,
+    NewSequenceData,
+    ScheduledSequence,
+    SchedulerOutput,
+)
+from pagedllm.multimodal.encoder_cache import EncoderCache
+from pagedllm.multimodal.mrope import mrope_positions
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.block_table import BlockTable
 
@@ -34,6 +45,9 @@ class WorkerSequence:
     table: BlockTable = field(repr=False)
     row: int  # the sequence's row in ``table``
     output_token_ids: list[int] = field(default_factory=list)
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
+    mrope: np.ndarray | None = None  # [3, num_prompt] M-RoPE ids (sequences with images)
+    mrope_delta: int = 0  # M-RoPE id minus position for tokens past the prompt
 
     @property
     def block_ids(self) -> list[int]:
@@ -65,10 +79,15 @@ class WorkerSequence:
 class SequenceStates:
     """Every sequence the worker holds, by id (see the module doc)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, mrope_merge_size: int | None = None) -> None:
+        """``mrope_merge_size``: the vision tower's ``spatial_merge_size`` for an M-RoPE model
+        (its sequences with images get M-RoPE ids), None for a text-only model."""
         self.device = device
         self.seqs: dict[str, WorkerSequence] = {}
         self.block_table = BlockTable()
+        self.mrope_merge_size = mrope_merge_size
+        self.encoder_cache = EncoderCache()
+        self.num_mm = 0  # live sequences with images: 0 keeps text-only steps on their path
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -82,6 +101,9 @@ class SequenceStates:
             seq = self.seqs.pop(seq_id, None)
             if seq is not None:
                 self.block_table.free_row(seq.row)
+                if seq.mm_features:
+                    self.num_mm -= 1
+                    self.encoder_cache.release(seq_id, [f.content_hash for f in seq.mm_features])
         for new in step.new_sequences:
             self._add(new)
         for sched in step.scheduled:
@@ -100,6 +122,18 @@ class SequenceStates:
             table=self.block_table,
             row=self.block_table.add_row(),
         )
+        if new.mm_features:
+            self._add_images(self.seqs[new.seq_id], new.mm_features)
+
+    def _add_images(self, seq: WorkerSequence, features: list[MultiModalFeature]) -> None:
+        if self.mrope_merge_size is None:
+            raise ValueError(f"{seq.seq_id}: this model takes no images.")
+        seq.mm_features = list(features)
+        seq.mrope, seq.mrope_delta = mrope_positions(
+            seq.num_prompt_tokens, seq.mm_features, self.mrope_merge_size
+        )
+        self.num_mm += 1
+        self.encoder_cache.hold(seq.seq_id, [f.content_hash for f in features])
 
     def _update(self, sched: ScheduledSequence) -> None:
         seq = self.seqs[sched.seq_id]

@@ -6,6 +6,11 @@ sample, still on the device: it is patched in from that step's sampled-id tensor
 KV slots and block table, and decides which hidden rows need logits: the last row of a span
 that samples (once per sampled sequence: n > 1 siblings share their leader's row) and the
 prompt positions whose logprobs were asked for.
+
+While a sequence with images is live (a multimodal model), a step also gets its M-RoPE ids
+(``rope_positions``: ``[3, T]``, or ``[T]`` when every row's three ids agree, as in decode
+steps, which CUDA graphs can then replay) and, for each image a span overlaps, which of the
+image's embedding rows go to which input rows (``mm_spans``). Text-only batches skip this.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pagedllm.core.scheduler_output import SchedulerOutput
+from pagedllm.core.scheduler_output import MultiModalFeature, SchedulerOutput
 from pagedllm.sample.metadata import SamplingRow
 from pagedllm.worker.sequence_states import SequenceStates
 
@@ -45,6 +50,10 @@ class StepInputs:
     # Speculative spans: sequence id -> its draft tokens (its sample rows are consecutive:
     # one per draft position, then one past them).
     drafts: dict[str, list[int]] = field(default_factory=dict)
+    # Multimodal: rotary ids when they differ from ``positions`` (M-RoPE), and per image that
+    # a span overlaps: (its feature, first and end embedding row, first input row).
+    rope_positions: np.ndarray | None = None
+    mm_spans: list[tuple[MultiModalFeature, int, int, int]] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -156,6 +165,9 @@ def prepare_step_inputs(
     slots *= block_size
     slots += positions % block_size
     width = -(-int(seq_lens.max()) // block_size) if num else 0
+    rope, mm_spans = None, []
+    if states.num_mm:  # a sequence with images is live: M-RoPE ids and image rows
+        rope, mm_spans = _multimodal_inputs(step, states, positions, query_start)
     return StepInputs(
         input_ids=np.array(ids, dtype=np.int64),
         positions=positions,
@@ -173,4 +185,33 @@ def prepare_step_inputs(
         prompt_rows=prompt_rows,
         prompt_targets=prompt_targets,
         drafts=drafts_by_seq,
+        rope_positions=rope,
+        mm_spans=mm_spans,
     )
+
+
+def _multimodal_inputs(
+    step: SchedulerOutput, states: SequenceStates, positions: np.ndarray, query_start: np.ndarray
+) -> tuple[np.ndarray | None, list[tuple[MultiModalFeature, int, int, int]]]:
+    """M-RoPE ids of the step's rows (None: all equal to ``positions``) and its image rows."""
+    rope: np.ndarray | None = None
+    spans: list[tuple[MultiModalFeature, int, int, int]] = []
+    for b, sched in enumerate(step.scheduled):
+        seq = states[sched.seq_id]
+        if seq.mrope is None:
+            continue
+        if rope is None:
+            rope = np.repeat(positions[None, :], 3, axis=0)
+        start, end = sched.num_computed_tokens, sched.end
+        row0 = int(query_start[b])
+        num_prompt = seq.num_prompt_tokens
+        in_prompt = max(0, min(end, num_prompt) - start)
+        rope[:, row0 : row0 + in_prompt] = seq.mrope[:, start : start + in_prompt]
+        rope[:, row0 + in_prompt : row0 + end - start] += seq.mrope_delta
+        for f in seq.mm_features:
+            lo, hi = max(start, f.offset), min(end, f.end)
+            if lo < hi:
+                spans.append((f, lo - f.offset, hi - f.offset, row0 + lo - start))
+    if rope is not None and (rope[0] == rope[1]).all() and (rope[0] == rope[2]).all():
+        return rope[0], spans
+    return rope, spans
