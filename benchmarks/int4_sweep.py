@@ -3,8 +3,8 @@
 python benchmarks/int4_sweep.py OUT.json [--budget-s 190] [--jobs 12] [--dtype float16]
 
 For every shape (qkv, o, gate_up, down; group 128) and M in 1..256, a focused list of
-candidates (``candidates``) is timed: the GEMV (tiles, K split, warps, stages, how split-K
-slices are added, fp16 math), the tensor-core kernel (tiles, split, swapped operands) and
+candidates (``candidates``) is timed: the GEMV (tiles, K split, warps, register prefetch, how
+split-K slices are added), the tensor-core kernel (tiles, split, swapped operands) and
 dequantize + cuBLAS. Each timing replays a CUDA graph of calls that cycle over enough copies
 of the weight that none stays in the 50 MB L2 between its uses (as in a model, where every
 layer has its own weights); the median of several replays is kept. Each result is checked
@@ -44,17 +44,18 @@ def _split(tiles: int, k: int, block_k: int, target: int) -> int:
     return split_for(tiles, -(-k // block_k), target)
 
 
-def candidates(m: int, n: int, k: int, sms: int, half_ok: bool) -> list[dict[str, Any]]:
+def candidates(m: int, n: int, k: int, sms: int) -> list[dict[str, Any]]:
     """The configurations tried at this (shape, M); ``SPLIT_K`` is sized from a target number
-    of programs per SM so one list serves every shape."""
+    of programs per SM so one list serves every shape. GEMV tiles keep 16-32 words per thread
+    (more spills registers: checked offline in the SASS)."""
     out: list[dict[str, Any]] = []
 
-    def gemv(bm, bn, bk, warps, per_sm, stages=2, reduce="serial", half=False):  # type: ignore[no-untyped-def]
+    def gemv(bm, bn, bk, warps, per_sm, prefetch=True, reduce="serial"):  # type: ignore[no-untyped-def]
         tiles = -(-m // bm) * -(-n // bn)
         out.append({
             "KERNEL": "gemv", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-            "SPLIT_K": _split(tiles, k, bk, per_sm * sms), "REDUCE": reduce, "HALF": half,
-            "num_warps": warps, "num_stages": stages,
+            "SPLIT_K": _split(tiles, k, bk, per_sm * sms), "REDUCE": reduce,
+            "PREFETCH": prefetch, "num_warps": warps, "num_stages": 1,
         })  # fmt: skip
 
     def dot(bm, bn, bk, warps, stages, per_sm, swap=False, reduce="serial"):  # type: ignore[no-untyped-def]
@@ -65,39 +66,41 @@ def candidates(m: int, n: int, k: int, sms: int, half_ok: bool) -> list[dict[str
             "SWAP_AB": swap, "num_warps": warps, "num_stages": stages,
         })  # fmt: skip
 
-    if m <= 4:
-        bm = m
-        shapes = [(128, 128, 4), (256, 64, 4), (64, 128, 2), (128, 64, 2)]
-        if m == 1:
-            shapes += [(256, 128, 4), (128, 256, 4), (512, 64, 4), (64, 256, 2)]
-        for bn, bk, warps in shapes:
+    if m == 1:
+        tiles = [(128, 128, 4), (256, 64, 4), (512, 32, 2), (1024, 32, 4), (512, 64, 4),
+                 (256, 128, 4), (64, 128, 2), (128, 64, 2)]  # fmt: skip
+        for bn, bk, warps in tiles:
             for per_sm in (4, 8):
-                gemv(bm, bn, bk, warps, per_sm)
-        gemv(bm, 128, 128, 4, 16)
+                gemv(1, bn, bk, warps, per_sm)
+        for bn, bk, warps in tiles[:3]:
+            gemv(1, bn, bk, warps, 4, prefetch=False)
+        gemv(1, 512, 32, 2, 2)
+        gemv(1, 512, 32, 2, 16)
+        gemv(1, 1024, 32, 8, 4)
         for reduce in ("twopass", "atomic"):
-            gemv(bm, 128, 128, 4, 4, reduce=reduce)
-            gemv(bm, 128, 128, 4, 8, reduce=reduce)
-        for stages in (1, 3):
-            gemv(bm, 128, 128, 4, 4, stages=stages)
-        if half_ok:
-            gemv(bm, 128, 128, 4, 4, half=True)
-            gemv(bm, 128, 128, 4, 8, half=True)
-            gemv(bm, 256, 64, 4, 4, half=True)
-    elif m == 8:
-        for bm, bn, bk, warps in [
-            (4, 128, 64, 4),
-            (4, 128, 128, 4),
-            (8, 64, 64, 4),
-            (8, 128, 64, 8),
-        ]:
+            gemv(1, 512, 32, 2, 4, reduce=reduce)
+            gemv(1, 128, 128, 4, 4, reduce=reduce)
+    elif m in (2, 4):
+        for bn, bk, warps in [(256, 64, 4), (512, 32, 4), (128, 128, 4), (256, 32, 2)]:
             for per_sm in (4, 8):
-                gemv(bm, bn, bk, warps, per_sm)
-        if half_ok:
-            gemv(4, 128, 64, 4, 4, half=True)
-            gemv(8, 64, 64, 4, 4, half=True)
+                gemv(m, bn, bk, warps, per_sm)
+        gemv(m, 128, 64, 4, 4)
+        gemv(m, 512, 32, 4, 4, prefetch=False)
+        gemv(m, 256, 64, 4, 4, reduce="twopass")
+        if m == 4:
+            gemv(2, 512, 32, 4, 4)
+            gemv(2, 256, 64, 4, 4)
+            dot(16, 64, 128, 4, 3, 4, swap=True)
+            dot(16, 128, 128, 4, 3, 4, swap=True)
+    elif m == 8:
+        for bn, bk, warps in [(256, 32, 4), (128, 64, 4), (512, 32, 4)]:
+            for per_sm in (4, 8):
+                gemv(4, bn, bk, warps, per_sm)
+        gemv(2, 512, 32, 4, 4)
         for swap in (False, True):
             for per_sm in (2, 4):
                 dot(16, 64, 128, 4, 3, per_sm, swap)
+        dot(16, 128, 128, 4, 3, 4, swap=True)
     elif m <= 64:
         bm = m
         for bn, bk, warps, stages in [
@@ -114,8 +117,8 @@ def candidates(m: int, n: int, k: int, sms: int, half_ok: bool) -> list[dict[str
         dot(bm, 128, 64, 4, 3, 2, reduce="twopass")
         dot(bm, 128, 64, 4, 3, 2, reduce="atomic")
         if m == 16:
+            gemv(4, 256, 32, 4, 4)
             gemv(4, 128, 64, 4, 4)
-            gemv(8, 64, 64, 4, 4)
         out.append({"KERNEL": "dequant"})
     else:
         for bm, bn, bk, warps, stages in [
@@ -155,11 +158,10 @@ def _reference(
 
 
 def _tasks(dtype: torch.dtype, sms: int, shapes: dict, ms: tuple) -> list[tuple[str, int, dict]]:
-    half_ok = dtype == torch.float16
     tasks, seen = [], set()
     for m in ms:
         for name, (n, k) in shapes.items():
-            for cfg in candidates(m, n, k, sms, half_ok):
+            for cfg in candidates(m, n, k, sms):
                 key = (name, m, json.dumps(cfg, sort_keys=True))
                 if key not in seen:  # a capped K split can make two candidates one
                     seen.add(key)

@@ -44,14 +44,15 @@ def _cdiv(a: int, b: int) -> int:
 def heuristic_config(m: int, n: int, k: int, bits: int, device: torch.device) -> dict[str, Any]:
     """The configuration for a shape the sweep did not measure (module doc)."""
     sms = num_sms(device)
-    if m <= GEMV_MAX_ROWS:
-        block_m = 1 if m == 1 else min(4, 1 << (m - 1).bit_length())
-        block_n, block_k = 128, 128
+    if m <= GEMV_MAX_ROWS:  # tiles of 16-32 words per thread (see int4_gemv.py)
+        block_m = 1 if m == 1 else 2 if m == 2 else 4
+        block_n, block_k, warps = {1: (512, 32, 2), 2: (256, 64, 4), 4: (256, 32, 4)}[block_m]
         tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
         split = split_for(tiles, _cdiv(k, block_k), 4 * sms)
         return {
             "KERNEL": "gemv", "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-            "SPLIT_K": split, "REDUCE": "serial", "num_warps": 4, "num_stages": 2,
+            "SPLIT_K": split, "REDUCE": "serial", "PREFETCH": True, "num_warps": warps,
+            "num_stages": 1,
         }  # fmt: skip
     if m <= 64:
         block_m, block_n, block_k = (16 if m <= 16 else 32 if m <= 32 else 64), 64, 64

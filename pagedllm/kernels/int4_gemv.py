@@ -1,24 +1,29 @@
 """Weight-only GEMV for a few rows (decode): CUDA-core FMAs, no tensor cores.
 
-With 1-8 rows the product is a read of the packed weights (``K * N * bits / 8`` bytes), and
-what bounds the kernel after the bytes is the work per weight value: at 4.8 TB/s an H200
-delivers ~10^13 int4 values a second, about what its CUDA cores issue at four instructions
-each. So the inner loop is built to spend few instructions per value:
+With 1-4 rows per program the product is a read of the packed weights (``K * N * bits / 8``
+bytes), and what bounds the kernel after the bytes is the work per weight value: at 4.8 TB/s
+an H200 delivers ~10^13 int4 values a second, about what its CUDA cores issue at three
+instructions each. So the inner loop is built to spend about three per value (checked in
+the SASS: one LOP3, one FADD, one FFMA):
 
 * each packed word is loaded once (``[BLOCK_K / pf, BLOCK_N]`` words, N contiguous: 16-byte
-  loads, whole cache lines) and its ``pf`` values are taken with a shift and a mask;
-* the integer becomes a float without a conversion instruction (conversions issue at a
-  fraction of the FMA rate): OR-ing it into the mantissa of 2^23 (``0x4B000000``) gives the
-  fp32 ``2^23 + q`` exactly, and one subtraction of ``2^23 + zero`` leaves ``q - zero``;
-* the scale is applied once per word row and group, not per value: a K block lies inside one
+  loads, whole cache lines);
+* a value becomes a float without shift or conversion: masking it in place and OR-ing in the
+  exponent of 2^23 (``0x4B000000``, passed as an argument so that the AND and the OR fuse into
+  one LOP3) gives the fp32 ``2^23 + q * 2^p`` exactly, where ``p`` is the value's bit
+  position (values too high for the 23-bit mantissa come from the word shifted once); one
+  subtraction of ``2^23 + z * 2^p`` leaves ``(q - z) * 2^p``, and the activation, scaled by
+  ``2^-p`` (exact in fp32), undoes the position;
+* the scale is applied once per word and group, not per value: a K block lies inside one
   group (the launcher picks ``BLOCK_K`` that way), so ``sum_k x_k s (q_k - z) = s * sum_k
   x_k (q_k - z)``;
-* the sum over K stays in each thread's registers (a ``[BLOCK_M, BLOCK_K / pf, BLOCK_N]``
-  accumulator); the one cross-thread reduction happens after the loop.
+* the sum over K stays in each thread's registers (a ``[BLOCK_K / pf, BLOCK_N]`` accumulator
+  per row, all 2-D in the words' layout: 3-D tensors made Triton move every partial product
+  through shared memory); the one cross-thread reduction happens after the loop;
+* Triton does not pipeline loads that feed no ``tl.dot``, so with ``PREFETCH`` the next
+  block's words are loaded before the current block is used (twice the bytes in flight).
 
-With ``HALF`` (fp16 activations only) the values are made and multiplied in fp16 instead
-(``0x6400`` is fp16 1024, and ``1024 + q`` is exact) and only each word's sum of ``pf``
-products is widened to fp32. K is split over programs; ``int4_splitk.py`` adds the slices.
+K is split over programs; ``int4_splitk.py`` adds the slices.
 """
 
 from __future__ import annotations
@@ -30,60 +35,109 @@ import triton.language as tl
 from pagedllm.kernels.int4_splitk import REDUCE_MODES, reduce_partials, split_k_buffers
 from pagedllm.kernels.int4_splitk import split_k_epilogue as _epilogue
 
+MAGIC = 0x4B000000  # fp32 2^23: OR-ed into a mantissa, an integer below 2^23 becomes 2^23 + q
+
+
+@triton.jit
+def _value(words, hi, z, magic, i: tl.constexpr, BITS: tl.constexpr):
+    """``(q_i - z) * 2^p`` in fp32 for value ``i`` of every word (``p``: its bit position in
+    ``words`` or ``hi``)."""
+    LOW: tl.constexpr = 23 // BITS  # values whose field ends below bit 23 are read in place
+    HI_SHIFT: tl.constexpr = BITS * ((9 + BITS - 1) // BITS)  # the rest from words >> this
+    P: tl.constexpr = i * BITS if i < LOW else i * BITS - HI_SHIFT
+    src = words if i < LOW else hi
+    q = (src & (((1 << BITS) - 1) << P)) | magic
+    zf = ((z << P) | magic).to(tl.float32, bitcast=True)
+    return q.to(tl.float32, bitcast=True) - zf[None, :]
+
+
+@triton.jit
+def _x(x_row, kw, ok, i: tl.constexpr, BITS: tl.constexpr):
+    """The activations that meet value ``i`` of each word row, scaled by ``2^-p``."""
+    PF: tl.constexpr = 32 // BITS
+    LOW: tl.constexpr = 23 // BITS
+    HI_SHIFT: tl.constexpr = BITS * ((9 + BITS - 1) // BITS)
+    SCALE: tl.constexpr = 1.0 / (1 << (i * BITS if i < LOW else i * BITS - HI_SHIFT))
+    return (tl.load(x_row + kw * PF + i, mask=ok, other=0.0).to(tl.float32) * SCALE)[:, None]
+
+
+@triton.jit
+def _load_words(q_ptr, kw0, kw_end, cols, col_ok, n, BLOCK_KW: tl.constexpr):
+    kw = kw0 + tl.arange(0, BLOCK_KW)
+    return tl.load(
+        q_ptr + kw.to(tl.int64)[:, None] * n + cols[None, :],
+        mask=(kw < kw_end)[:, None] & col_ok[None, :],
+        other=0,
+    )
+
 
 @triton.jit(do_not_specialize=["m"])
 def _gemv_kernel(
     x_ptr, q_ptr, z_ptr, s_ptr, b_ptr, out_ptr, part_ptr, lock_ptr,
-    m, n, kw_total, kw_per_split, group_words, stride_xm, stride_om,
-    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, HALF: tl.constexpr,
+    m, n, kw_total, kw_per_split, group_words, stride_xm, stride_om, magic,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):  # fmt: skip
     PF: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    split_k = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    HI_SHIFT: tl.constexpr = BITS * ((9 + BITS - 1) // BITS)
+    pid_m = tl.program_id(0)  # rows fastest: the row tiles of a weight tile run together
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    row0 = pid_m * BLOCK_M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < m
     col_ok = cols < n
-    r = tl.arange(0, BLOCK_KW)
     kw_start = pid_k * kw_per_split
     kw_end = tl.minimum(kw_start + kw_per_split, kw_total)
-    acc = tl.zeros([BLOCK_M, BLOCK_KW, BLOCK_N], tl.float32)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    acc0 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+    if PREFETCH:
+        words = _load_words(q_ptr, kw_start, kw_end, cols, col_ok, n, BLOCK_KW)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        kw = kw0 + r
+        if PREFETCH:
+            cur = words
+            words = _load_words(q_ptr, kw0 + BLOCK_KW, kw_end, cols, col_ok, n, BLOCK_KW)
+        else:
+            cur = _load_words(q_ptr, kw0, kw_end, cols, col_ok, n, BLOCK_KW)
+        kw = kw0 + tl.arange(0, BLOCK_KW)
         kw_ok = kw < kw_end
-        words = tl.load(
-            q_ptr + kw.to(tl.int64)[:, None] * n + cols[None, :],
-            mask=kw_ok[:, None] & col_ok[None, :],
-            other=0,
-        )
+        hi = cur >> HI_SHIFT
         g = kw0 // group_words
         z = tl.load(z_ptr + g * n + cols, mask=col_ok, other=0).to(tl.int32)
-        s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)
-        x_mask = row_ok[:, None, None] & kw_ok[None, :, None]
-        if HALF:
-            zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)[None, :]
-            part = tl.zeros([BLOCK_M, BLOCK_KW, BLOCK_N], tl.float16)
-        else:
-            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)[None, :]
-            part = tl.zeros([BLOCK_M, BLOCK_KW, BLOCK_N], tl.float32)
+        s = tl.load(s_ptr + g * n + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        p0 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        p1 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        p2 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
+        p3 = tl.zeros([BLOCK_KW, BLOCK_N], tl.float32)
         for i in tl.static_range(PF):
-            q = (words >> (i * BITS)) & MASK
-            xi = tl.load(x_rows + (kw * PF + i)[None, :, None], mask=x_mask, other=0.0)
-            if HALF:
-                w = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zh
-                part += xi * w[None, :, :]
-            else:
-                w = (q | 0x4B000000).to(tl.float32, bitcast=True) - zf
-                part += xi.to(tl.float32) * w[None, :, :]
-        acc += part.to(tl.float32) * s[None, None, :]
-    y = tl.sum(acc, axis=1)
+            w = _value(cur, hi, z, magic, i, BITS)
+            p0 += _x(x0, kw, kw_ok, i, BITS) * w
+            if BLOCK_M > 1:
+                p1 += _x(x0 + stride_xm, kw, kw_ok & (row0 + 1 < m), i, BITS) * w
+            if BLOCK_M > 2:
+                p2 += _x(x0 + 2 * stride_xm, kw, kw_ok & (row0 + 2 < m), i, BITS) * w
+                p3 += _x(x0 + 3 * stride_xm, kw, kw_ok & (row0 + 3 < m), i, BITS) * w
+        acc0 += p0 * s
+        if BLOCK_M > 1:
+            acc1 += p1 * s
+        if BLOCK_M > 2:
+            acc2 += p2 * s
+            acc3 += p3 * s
+    # One [BLOCK_M, BLOCK_N] tile for the epilogue (one tile counter for all its rows).
+    if BLOCK_M == 1:
+        y = tl.sum(acc0, axis=0)[None, :]
+    elif BLOCK_M == 2:
+        y = tl.trans(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)))
+    else:
+        # join() adds a last axis: [n, c, d] holds row 2c + d, as the reshape reads it.
+        y02 = tl.join(tl.sum(acc0, axis=0), tl.sum(acc2, axis=0))
+        y13 = tl.join(tl.sum(acc1, axis=0), tl.sum(acc3, axis=0))
+        y = tl.trans(tl.reshape(tl.join(y02, y13), [BLOCK_N, 4]))
+    rows = row0 + tl.arange(0, BLOCK_M)
     _epilogue(
-        y, rows, cols, m, n, pid_k, pid_m * tl.num_programs(0) + pid_n, split_k,
+        y, rows, cols, m, n, pid_k, pid_m * tl.num_programs(1) + pid_n, tl.num_programs(2),
         b_ptr, out_ptr, part_ptr, lock_ptr, stride_om,
         HAS_BIAS=HAS_BIAS, REDUCE=REDUCE,
     )  # fmt: skip
@@ -111,8 +165,8 @@ def int_weight_gemv(
     cfg: dict,
 ) -> torch.Tensor:
     """``x`` [M, K] contiguous (already permuted) times the packed weight; ``group`` is the
-    real group size (K for one group). ``cfg``: BLOCK_M / BLOCK_N / BLOCK_K (values) /
-    SPLIT_K / REDUCE / HALF / num_warps / num_stages."""
+    real group size (K for one group). ``cfg``: BLOCK_M (1, 2 or 4) / BLOCK_N / BLOCK_K
+    (values) / SPLIT_K / REDUCE / PREFETCH / num_warps / num_stages."""
     m, k = x.shape
     n = packed.shape[1]
     pf = 32 // bits
@@ -126,14 +180,16 @@ def int_weight_gemv(
     kw_per_split = blocks_per_split * block_kw
     split_k = triton.cdiv(kw_total, kw_per_split)
     reduce = cfg.get("REDUCE", "serial") if split_k > 1 else "none"
-    half = bool(cfg.get("HALF", False)) and x.dtype == torch.float16
+    if cfg["BLOCK_M"] not in (1, 2, 4):
+        raise ValueError(f"GEMV BLOCK_M is 1, 2 or 4, not {cfg['BLOCK_M']}")
     out, part, locks = split_k_buffers(reduce, split_k, m, n, x.dtype, x.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, cfg["BLOCK_M"]))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _gemv_kernel[grid](
         x, packed, zeros, scales, bias if bias is not None else scales, out, part, locks,
         m, n, kw_total, kw_per_split, (k if group == k else group) // pf, x.stride(0),
-        out.stride(0),
-        BITS=bits, HAS_BIAS=bias is not None, REDUCE=REDUCE_MODES[reduce], HALF=half,
+        out.stride(0), MAGIC,
+        BITS=bits, HAS_BIAS=bias is not None, REDUCE=REDUCE_MODES[reduce],
+        PREFETCH=bool(cfg.get("PREFETCH", False)),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_KW=block_kw,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
     )  # fmt: skip
