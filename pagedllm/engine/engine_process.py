@@ -57,6 +57,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def remove_stale_dirs(root: str | None = None) -> None:
     """Remove our ``pagedllm-<pid>-*`` socket dirs whose API process is gone (it was killed
     before it could clean up). Only used where abstract sockets are not available."""
@@ -79,10 +94,20 @@ class EngineProcess:
     awaits more on the running event loop. ``tmpdir`` is None with abstract sockets.
 
     Life cycle: the constructor binds; ``start()`` spawns the process and blocks until the model
-    is loaded; ``close()`` (idempotent, also run at exit) stops the process and frees the rest.
+    is loaded (``launch()`` + ``wait_ready()``: data-parallel replicas load side by side);
+    ``close()`` (idempotent, also run at exit) stops the process and frees the rest.
+    ``env``: variables for the process (a replica's ``CUDA_VISIBLE_DEVICES``); ``num_threads``:
+    its torch threads (default: this process's count).
     """
 
-    def __init__(self, config: EngineConfig, *, abstract: bool | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        abstract: bool | None = None,
+        num_threads: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.key = new_key()
         self.ctx = zmq.Context(io_threads=1)
         self.output = self.ctx.socket(zmq.PULL)
@@ -103,10 +128,11 @@ class EngineProcess:
         self._in = Channel(self.input, self.key, zmq.NOBLOCK)
         self._out = Channel(self.output, self.key)
         self.shutdown_grace_s = SHUTDOWN_GRACE_S
+        self.env = dict(env or {})  # set in the process's environment (spawn copies it)
         self.proc = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
             args=(config, self.input_addr, self.output_addr, os.getpid(), self.key),
-            kwargs={"num_threads": torch.get_num_threads()},
+            kwargs={"num_threads": num_threads or torch.get_num_threads()},
             name="pagedllm-engine",
             daemon=True,
         )
@@ -127,9 +153,23 @@ class EngineProcess:
 
     def start(self) -> EngineReady:
         """Start the process and block until the model is loaded (raise if start-up fails)."""
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Spawn the process without waiting for it (several engines then load side by side;
+        ``wait_ready`` waits). ``env`` is set for the spawn only: the child inherits it."""
         try:
-            self.proc.start()
+            with _environment(self.env):
+                self.proc.start()
             atexit.register(self.close)  # after multiprocessing's hook: runs before it (LIFO)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self) -> EngineReady:
+        """Block until the launched process has loaded the model (raise if start-up fails)."""
+        try:
             while True:
                 if self.output.poll(READY_POLL_MS, zmq.POLLIN):
                     for msg in self.messages():

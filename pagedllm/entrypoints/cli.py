@@ -1,4 +1,5 @@
-"""The ``pagedllm`` console script: ``generate``, ``serve``, ``bench``, ``chat``, ``infer``.
+"""The ``pagedllm`` console script: ``generate``, ``serve``, ``bench``, ``chat``, ``infer``,
+``router``.
 
 Parsing imports neither torch nor transformers (``--help`` and a typo answer at once): each
 command imports what it runs inside its function. ``--config FILE.yaml`` is expanded into flags
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagedllm.entrypoints.infer import add_infer_parser
 
     add_infer_parser(sub)
+    from pagedllm.router.cli import add_router_parser
+
+    add_router_parser(sub)
     return parser
 
 

@@ -14,8 +14,10 @@ rate limits and the body limits. ``CORSMiddleware`` runs in front of the gate, s
 browser's preflight is answered without credentials (``cli_http.py`` has the flags). The
 lifespan also runs the periodic stats log line (``stats_log.py``) unless
 ``--disable-log-stats``. ``/health`` is 200 only while the engine process is alive and
-has answered within ``--engine-health-timeout`` (a wedged engine turns it 503). The lifespan
-shuts the engine down after uvicorn has drained in-flight requests.
+has answered within ``--engine-health-timeout`` (a wedged engine turns it 503); with
+data-parallel replicas (``-dp N``), while at least one replica does (a dead replica fails only
+its own requests; ``/metrics`` shows it as ``pagedllm:engine_up{engine="i"} 0``). The lifespan
+shuts the engines down after uvicorn has drained in-flight requests.
 """
 
 from __future__ import annotations
@@ -235,6 +237,9 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace | Any) -> FastAPI:
                 state.metrics.update_engine_stats(stats)
             except Exception:  # a dead engine still lets the serving metrics be scraped
                 logger.debug("get_stats failed", exc_info=True)
+        if len(engine.replicas) > 1:  # no round trip: each replica's last report
+            replicas = await engine.get_replica_stats()
+            state.metrics.update_replica_stats(replicas, engine.router.routed)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize", responses=post_responses())

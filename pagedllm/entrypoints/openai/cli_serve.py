@@ -8,6 +8,12 @@ shuts the engine down. The engine process ignores SIGTERM (systemd's default
 The exit status is 0 after a clean shutdown and 1 whenever the engine died before shutdown was
 asked for (even if a SIGTERM came later). With ``--exit-on-engine-death`` (vLLM's behaviour) the
 server stops at once when the engine dies, instead of answering 503 until it is restarted.
+
+``-dp N`` (``--data-parallel-size``) starts N engine processes behind this one server (on GPUs
+replica i gets GPUs ``[i*tp, (i+1)*tp)``); ``--router-policy`` and its thresholds decide which
+one serves each request (``pagedllm.router.policies``). A replica that dies fails only its own
+requests; the others go on serving (``--exit-on-engine-death`` stops at the first death), and
+the exit status is 1.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pagedllm.entrypoints.openai.generation_config import (
     check_generation_config_args,
 )
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from pagedllm.router.policies import add_policy_args, policy_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +161,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
         help="stop the server (exit 1) as soon as the engine process dies",
     )
     add_auth_args(g)
+    add_policy_args(
+        p.add_argument_group("data-parallel routing (with --data-parallel-size > 1)"), "router-"
+    )
     c = p.add_argument_group("connections")
     c.add_argument(
         "--timeout-keep-alive",
@@ -230,6 +240,7 @@ def _check(args: argparse.Namespace) -> None:
         (args.max_waiting_requests is None or args.max_waiting_requests >= 0,
          "--max-waiting-requests must be >= 0"),
         (args.queue_timeout is None or args.queue_timeout > 0, "--queue-timeout must be > 0"),
+        (args.data_parallel_size >= 1, "--data-parallel-size must be >= 1"),
         (0 <= args.port <= 65535, "--port must be in [0, 65535]"),
         (args.max_logprobs >= -1, "--max-logprobs must be >= 0, or -1 for the vocabulary size"),
         (not args.enable_auto_tool_choice or args.tool_call_parser is not None,
@@ -265,6 +276,7 @@ def serve(args: argparse.Namespace) -> int:
     _check(args)
     build_auth(args)  # flag errors before the model loads
     build_rate_limiter(args)
+    router_config = policy_config_from_args(args, "router-")
     model = args.model or args.model_flag
     args.model = model
     if not args.served_model_name and model is None:
@@ -274,7 +286,9 @@ def serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
     logger.info("Loading %s; the engine starts in its own process.", model or "the demo model")
 
-    config = EngineConfig(**serve_engine_kwargs(args))  # downloads a hub id's snapshot
+    kwargs = serve_engine_kwargs(args)
+    dp = kwargs.pop("data_parallel_size")  # each engine is one replica; AsyncLLM starts dp
+    config = EngineConfig(**kwargs)  # downloads a hub id's snapshot
     check_architecture(config)
     try:
         engine = AsyncLLM.from_config(
@@ -282,6 +296,9 @@ def serve(args: argparse.Namespace) -> int:
             max_waiting_requests=args.max_waiting_requests,
             health_timeout_s=args.engine_health_timeout,
             engine_stall_timeout_s=args.engine_stall_timeout,
+            data_parallel_size=dp,
+            router_policy=args.router_policy,
+            router_config=router_config,
         )
     except RuntimeError as e:  # the engine process failed to start (logged above)
         print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,11 @@
 Gauges and engine counters (running / waiting requests, KV-cache usage, prefix-cache queries
 and hits, prompt / generation tokens, preemptions) come from ``engine.get_stats()``, refreshed
 on every scrape; each metric reads its ``EngineStats`` field by attribute, so a renamed field
-fails loudly instead of reading 0. Latency histograms and the per-finish-reason success
+fails loudly instead of reading 0. With data-parallel replicas (``serve -dp N``) the engine
+metrics come once per replica with an ``engine`` label ("0".."N-1", vLLM's label), alongside
+``pagedllm:engine_up`` (1 while that replica's process runs) and
+``pagedllm:router_requests`` (requests the router sent to it); with one engine they keep the
+``model_name`` label alone. Latency histograms and the per-finish-reason success
 counter are observed by the serving layer as requests finish. Each app owns its registry, so
 several servers can live in one process (tests).
 """
@@ -11,7 +15,7 @@ several servers can live in one process (tests).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -90,6 +94,9 @@ class _EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
+        if m.replica_stats is not None:
+            yield from self._per_replica(m.replica_stats, m.routed)
+            return
         stats = m.engine_stats
         if stats is None:
             stats = dataclasses.replace(
@@ -107,6 +114,33 @@ class _EngineStatsCollector(Collector):
             c.add_metric(labels, float(read(stats)))
             yield c
 
+    def _per_replica(
+        self, replicas: Sequence[tuple[EngineStats, bool]], routed: Mapping[int, int]
+    ) -> Iterator[Metric]:
+        labels = ["model_name", "engine"]
+        rows = [([self.metrics.model_name, str(i)], st, up) for i, (st, up) in enumerate(replicas)]
+        up_g = GaugeMetricFamily(
+            "pagedllm:engine_up", "1 while the engine process runs.", labels=labels
+        )
+        routed_c = CounterMetricFamily(
+            "pagedllm:router_requests", "Requests the router sent to the engine.", labels=labels
+        )
+        for i, (lab, _, up) in enumerate(rows):
+            up_g.add_metric(lab, 1.0 if up else 0.0)
+            routed_c.add_metric(lab, float(routed.get(i, 0)))
+        yield up_g
+        yield routed_c
+        for name, doc, read in _GAUGES:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            for lab, st, up in rows:
+                g.add_metric(lab, float(read(st)) if up else 0.0)
+            yield g
+        for name, doc, read in _COUNTERS:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            for lab, st, _ in rows:
+                c.add_metric(lab, float(read(st)))
+            yield c
+
 
 class ServerMetrics:
     """All metrics of one server: a private registry plus the last engine stats seen."""
@@ -115,6 +149,9 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.engine_stats: EngineStats | None = None
+        # Data-parallel replicas: each one's stats and liveness, and requests routed to each.
+        self.replica_stats: list[tuple[EngineStats, bool]] | None = None
+        self.routed: Mapping[int, int] = {}
         # Counted by the serving layer as requests finish: /metrics falls back on them until
         # the engine's own stats have been seen.
         self.served_prompt_tokens = 0
@@ -159,6 +196,13 @@ class ServerMetrics:
 
     def update_engine_stats(self, stats: EngineStats) -> None:
         self.engine_stats = stats
+
+    def update_replica_stats(
+        self, replicas: list[tuple[EngineStats, bool]], routed: Mapping[int, int]
+    ) -> None:
+        """Several replicas: the engine metrics are then reported per replica."""
+        self.replica_stats = list(replicas)
+        self.routed = dict(routed)
 
     def observe_finished(
         self,
