@@ -1,6 +1,7 @@
 """Sweep the weight-only int4 kernels on Qwen2.5-14B's layer shapes; one H200, < 3.5 minutes.
 
 python benchmarks/int4_sweep.py OUT.json [--budget-s 190] [--jobs 12] [--dtype float16]
+python benchmarks/int4_sweep.py --emit-table OUT.json   # the dispatch table it implies
 
 For every shape (qkv, o, gate_up, down; group 128) and M in 1..256, a focused list of
 candidates (``candidates``) is timed: the GEMV (tiles, K split, warps, register prefetch, how
@@ -169,24 +170,28 @@ def _tasks(dtype: torch.dtype, sms: int, shapes: dict, ms: tuple) -> list[tuple[
     return tasks
 
 
-def _compile_worker(args: tuple) -> int:
-    """Run each task once (compiles into Triton's cache); errors are found again when timed."""
+def _compile_worker(args: tuple) -> dict[int, str]:
+    """Run each task once (compiles into Triton's cache). Returns the index of a task that
+    broke the CUDA context (an illegal address, ...) with its error, and stops there: the
+    timing process skips that task instead of losing its own context to it."""
     tasks, dtype_name = args
     from pagedllm.kernels.int4_gemm import int_weight_linear
 
     dtype = getattr(torch, dtype_name)
     weights = {name: _weights(n, k, dtype, 1)[0] for name, (n, k) in SHAPES.items()}
-    done = 0
-    for name, m, cfg in tasks:
+    for index, name, m, cfg in tasks:
         packed, zeros, scales = weights[name]
         x = torch.randn(m, SHAPES[name][1], device="cuda", dtype=dtype)
         try:
             int_weight_linear(x, packed, zeros, scales, None, 4, GROUP, None, cfg)
-            done += 1
-        except Exception:  # noqa: BLE001 - reported by the timing pass
-            pass
-    torch.cuda.synchronize()
-    return done
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - compile errors are reported by the timing pass
+            try:
+                torch.cuda.synchronize()
+                torch.zeros(1, device="cuda").item()
+            except Exception:  # noqa: BLE001 - the context is gone: this task did it
+                return {index: f"{type(e).__name__}: {str(e)[:300]}"}
+    return {}
 
 
 def _time_us(fn_for_copy: Any, copies: int, replays: int = 5) -> float:
@@ -215,7 +220,28 @@ def _time_us(fn_for_copy: Any, copies: int, replays: int = 5) -> float:
     return statistics.median(times)
 
 
+def emit_table(results_path: str) -> str:
+    """``int4_dispatch.MEASURED`` as Python source, from a sweep's OUT.json: per shape, the
+    fastest correct configuration at each measured M (the bucket up to that M)."""
+    data = json.loads(Path(results_path).read_text())
+    table: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    for row in data["best"].values():
+        table.setdefault((row["n"], row["k"]), []).append((row["m"], row["config"]))
+    lines = [f"# benchmarks/int4_sweep.py on {data['meta']['gpu']} ({data['meta']['dtype']})"]
+    lines.append("MEASURED: dict[tuple[int, int], list[tuple[int, dict[str, Any]]]] = {")
+    for key in sorted(table):
+        lines.append(f"    {key}: [")
+        for m, cfg in sorted(table[key], key=lambda e: e[0]):
+            lines.append(f"        ({m}, {cfg!r}),")
+        lines.append("    ],")
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--emit-table":
+        print(emit_table(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--budget-s", type=float, default=190.0)
@@ -236,16 +262,21 @@ def main() -> None:
     tasks = _tasks(dtype, sms, shapes, ms)
     meta = {"gpu": torch.cuda.get_device_name(), "sms": sms, "dtype": args.dtype,
             "torch": torch.__version__, "tasks": len(tasks)}  # fmt: skip
+    fatal: dict[int, str] = {}
     if args.jobs > 1:  # parallel compile into the on-disk Triton cache
-        chunks = [tasks[i :: args.jobs] for i in range(args.jobs)]
+        indexed = [(i, *t) for i, t in enumerate(tasks)]
+        chunks = [indexed[i :: args.jobs] for i in range(args.jobs)]
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.jobs) as pool:
             res = pool.map_async(_compile_worker, [(c, args.dtype) for c in chunks])
             try:
-                meta["compiled"] = sum(res.get(timeout=max(10.0, 0.55 * args.budget_s)))
+                for worker_fatal in res.get(timeout=max(10.0, 0.55 * args.budget_s)):
+                    fatal.update(worker_fatal)
+                meta["compile"] = "done"
             except mp.TimeoutError:
-                meta["compiled"] = "timeout"
+                meta["compile"] = "timeout"
                 pool.terminate()
+    meta["fatal"] = len(fatal)
     meta["compile_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps({"meta": meta}), flush=True)
 
@@ -253,8 +284,13 @@ def main() -> None:
     skipped = 0
     weights_cache: dict[str, list[tuple]] = {}
     inputs: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, m, cfg in tasks:
+    for index, (name, m, cfg) in enumerate(tasks):
         n, k = shapes[name]
+        if index in fatal:  # it broke a worker's CUDA context; it would break ours
+            row = {"shape": name, "m": m, "config": cfg, "ok": False, "error": fatal[index]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         if time.perf_counter() > deadline:
             skipped += 1
             continue
