@@ -30,7 +30,6 @@ for the old request, and an abort meant for it, cannot reach the new one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -59,9 +58,17 @@ from pagedllm.engine.messages import (
     PrefixCacheReset,
     RequestError,
     ResetPrefixCache,
-    Shutdown,
 )
-from pagedllm.engine.replicas import EngineReplica, prompt_block_hashes, start_engines, sum_stats
+from pagedllm.engine.replicas import (
+    EngineReplica,
+    check_replicas_health,
+    live_replicas,
+    num_waiting,
+    prompt_block_hashes,
+    start_engines,
+    stop_replicas,
+    sum_stats,
+)
 from pagedllm.engine.request_stream import RequestStream
 from pagedllm.engine.stats import EngineStats
 from pagedllm.engine.tokenizer import GenerationDefaults, load_generation_defaults, load_tokenizer
@@ -211,7 +218,7 @@ class AsyncLLM:
         garbage-collected generator), it is aborted in the engine.
         """
         self._start_monitors()
-        live = self._live_replicas()
+        live = live_replicas(self.replicas, self.health_timeout_s)
         check_timeout("request_timeout_s", request_timeout_s)
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
@@ -297,15 +304,7 @@ class AsyncLLM:
         """Raise when no replica serves: EngineUnresponsiveError when a live one has been
         silent for longer than ``health_timeout_s``, else EngineDeadError. Never blocks."""
         self._start_monitors()
-        errors: list[Exception] = []
-        for r in self.replicas:
-            try:
-                r.monitor.check_health(self.health_timeout_s)
-                return
-            except (EngineDeadError, EngineUnresponsiveError) as e:
-                errors.append(e)
-        unresponsive = [e for e in errors if isinstance(e, EngineUnresponsiveError)]
-        raise (unresponsive or errors)[0]
+        check_replicas_health(self.replicas, self.health_timeout_s)
 
     @property
     def is_running(self) -> bool:
@@ -361,37 +360,12 @@ class AsyncLLM:
         gets ``Shutdown`` (all at once) and is SIGKILLed if it has not exited within the grace
         period. An engine that had died before this call still counts as
         ``died_unexpectedly``."""
-        for r in self.replicas:
-            r.monitor.stop()
-        for r in self.replicas:  # every engine starts stopping before any is waited for
-            if not r.handle.closed and r.handle.proc.is_alive():
-                with contextlib.suppress(zmq.ZMQError):
-                    r.handle.send(Shutdown())
-        for r in self.replicas:
-            r.handle.close()
+        stop_replicas(self.replicas)
 
     # ---- internals -------------------------------------------------------------------------
     def _start_monitors(self) -> None:
         for r in self.replicas:
             r.monitor.start()
-
-    def _live_replicas(self) -> list[EngineReplica]:
-        """Replicas that can take a request: alive, and not silent past ``health_timeout_s``
-        unless all are. EngineDeadError when none is alive."""
-        live: list[EngineReplica] = []
-        error: EngineDeadError | None = None
-        for r in self.replicas:
-            try:
-                r.monitor.raise_if_dead()
-                live.append(r)
-            except EngineDeadError as e:
-                error = error or e
-        if not live:
-            assert error is not None
-            raise error
-        limit = self.health_timeout_s
-        awake = [r for r in live if limit is None or not r.monitor.is_wedged(limit)]
-        return awake or live
 
     def _route(self, prompt_ids: list[int], live: list[EngineReplica]) -> EngineReplica:
         if len(self.replicas) == 1:
@@ -413,13 +387,7 @@ class AsyncLLM:
             )
 
     def _num_waiting(self) -> int:
-        """Waiting in the engines as of their last step, plus requests they have not seen."""
-        total = 0
-        for r in self.replicas:
-            if r.monitor.dead is None:
-                unseen = r.num_sent - r.stats.requests_received_total
-                total += r.stats.num_waiting + max(unseen, 0)
-        return total
+        return num_waiting(self.replicas)
 
     def _send(self, replica: EngineReplica, msg: Any) -> None:
         try:

@@ -11,11 +11,14 @@ cache, behind one API server; ``AsyncLLM`` routes each request to one of them
   side; one failure stops all of them;
 * the routing key: the chained block hashes of the tokenized prompt, computed with the prefix
   cache's own ``hash_block``, so "the same prefix" means what it means to the engines;
-* stats: one ``EngineStats`` summed over the replicas for the server-wide figures.
+* stats: one ``EngineStats`` summed over the replicas for the server-wide figures;
+* health: the group serves while one replica does (``live_replicas``,
+  ``check_replicas_health``), and stops all engines at once (``stop_replicas``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -24,11 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import zmq
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.block_pool import hash_block
 from pagedllm.engine.engine_monitor import EngineMonitor
 from pagedllm.engine.engine_process import EngineProcess
+from pagedllm.engine.errors import EngineDeadError, EngineUnresponsiveError
+from pagedllm.engine.messages import Shutdown
 from pagedllm.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -132,3 +138,59 @@ def sum_stats(stats: Sequence[EngineStats], alive: Sequence[bool]) -> EngineStat
     blocks = sum(s.num_kv_blocks for s in stats)
     total["kv_cache_usage"] = used / blocks if blocks else 0.0
     return EngineStats(**total)  # type: ignore[arg-type]
+
+
+def live_replicas(replicas: Sequence[EngineReplica], limit: float | None) -> list[EngineReplica]:
+    """Replicas that can take a request: alive, and not silent for more than ``limit`` s
+    unless all are. EngineDeadError (the first death) when none is alive."""
+    live: list[EngineReplica] = []
+    error: EngineDeadError | None = None
+    for r in replicas:
+        try:
+            r.monitor.raise_if_dead()
+            live.append(r)
+        except EngineDeadError as e:
+            error = error or e
+    if not live:
+        assert error is not None
+        raise error
+    awake = [r for r in live if limit is None or not r.monitor.is_wedged(limit)]
+    return awake or live
+
+
+def check_replicas_health(replicas: Sequence[EngineReplica], limit: float | None) -> None:
+    """Return when one replica is healthy; else raise EngineUnresponsiveError when a live one
+    has been silent for more than ``limit`` s, or EngineDeadError."""
+    errors: list[Exception] = []
+    for r in replicas:
+        try:
+            r.monitor.check_health(limit)
+            return
+        except (EngineDeadError, EngineUnresponsiveError) as e:
+            errors.append(e)
+    unresponsive = [e for e in errors if isinstance(e, EngineUnresponsiveError)]
+    raise (unresponsive or errors)[0]
+
+
+def num_waiting(replicas: Sequence[EngineReplica]) -> int:
+    """Requests waiting in the live engines as of their last step, plus those sent to them
+    that they have not seen yet."""
+    total = 0
+    for r in replicas:
+        if r.monitor.dead is None:
+            unseen = r.num_sent - r.stats.requests_received_total
+            total += r.stats.num_waiting + max(unseen, 0)
+    return total
+
+
+def stop_replicas(replicas: Sequence[EngineReplica]) -> None:
+    """Stop the readers, then every engine: all get ``Shutdown`` before any is waited for
+    (each ``close`` then waits its grace period and SIGKILLs a straggler)."""
+    for r in replicas:
+        r.monitor.stop()
+    for r in replicas:
+        if not r.handle.closed and r.handle.proc.is_alive():
+            with contextlib.suppress(zmq.ZMQError):
+                r.handle.send(Shutdown())
+    for r in replicas:
+        r.handle.close()
