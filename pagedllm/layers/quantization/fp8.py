@@ -34,7 +34,9 @@ from pagedllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
     fp8_linear,
     quantize_rows,
+    quantize_tokens,
     quantize_with_scale,
+    unit_scale,
 )
 from pagedllm.layers.weight_utils import set_weight_attrs
 
@@ -158,6 +160,8 @@ class Fp8LinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         name = getattr(layer, "prefix", "") or type(layer).__name__
+        if layer.weight.is_cuda:
+            unit_scale(layer.weight.device)
         if not self.config.is_checkpoint_fp8:
             q, scale = quantize_rows(layer.weight.data)
             del layer.weight
@@ -183,7 +187,7 @@ class Fp8LinearMethod(LinearMethodBase):
             x_scale = layer.input_scale.expand(x2.shape[0])
             xq = quantize_with_scale(x2, layer.input_scale)
         else:
-            xq, x_scale = quantize_rows(x2)
+            xq, x_scale = quantize_tokens(x2)
         out = fp8_linear(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, bias)
         return out.reshape(*lead, out.shape[-1])
 

@@ -31,8 +31,18 @@ MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (token, or output channel) fp8: ``(xq [M, K] e4m3, scale [M] float32)``."""
     amax = x.abs().amax(dim=-1).float()
-    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
+    # Times the float32 reciprocal (not a division): the Triton kernel computes the same bits.
+    scale = (amax * (1.0 / FP8_MAX)).clamp(min=MIN_SCALE)
     return quantize_with_scale(x, scale.unsqueeze(-1)), scale
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of activation rows ``x`` [M, K]: one Triton kernel on CUDA."""
+    if x.is_cuda:
+        from pagedllm.layers.quantization.fp8_triton import per_token_quant_fp8
+
+        return per_token_quant_fp8(x)
+    return quantize_rows(x)
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,7 +75,10 @@ def _has_fp8_tensor_cores(device_index: int) -> bool:
 
 
 @functools.cache
-def _unit_scale(device: torch.device) -> torch.Tensor:
+def unit_scale(device: torch.device) -> torch.Tensor:
+    """A float32 1 on ``device`` (the scales of a unit-scale ``_scaled_mm``). Made before any
+    CUDA graph capture (``Fp8LinearMethod.process_weights_after_loading``): created during a
+    capture, its fill would only run at replay."""
     return torch.ones((), dtype=torch.float32, device=device)
 
 
@@ -102,7 +115,7 @@ def fp8_linear(
         )
     else:
         # Row-wise scaling is bfloat16-only in cuBLASLt: unit scales into float32, scale after.
-        one = _unit_scale(xq.device)
+        one = unit_scale(xq.device)
         out = torch._scaled_mm(xq, b, scale_a=one, scale_b=one, out_dtype=torch.float32)
         out = (out * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)).to(out_dtype)
     return out if bias is None else out + bias

@@ -20,6 +20,7 @@ from pagedllm.layers.quantization.fp8_utils import (
     fp8_linear,
     fp8_linear_reference,
     quantize_rows,
+    quantize_tokens,
     scaled_mm_supported,
 )
 
@@ -62,6 +63,25 @@ def test_scaled_mm_matches_the_cpu_reference(m: int, k: int, n: int, dtype: torc
     # Element-wise too: no row or column may hide under the global norm.
     scale = ref.abs().amax(dim=1, keepdim=True)
     assert ((out.float().cpu() - ref).abs() / scale).max() < 4 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("k", [40, 64, 4096, 5120, 8192, 13824])
+def test_triton_per_token_quantization_gives_the_torch_bits(k: int, dtype: torch.dtype) -> None:
+    """The one-kernel quantization (one pass up to 8192 columns, two beyond) against the torch
+    ops of quantize_rows on the same device: equal scales, equal e4m3 bits."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(k)
+    wide = torch.randn(37, k + 8, generator=gen) * torch.logspace(-3, 3, 37).unsqueeze(1)
+    wide[5] = 0.0  # an all-zero token: the floor scale, zeros out
+    x = wide.to("cuda", dtype)[:, :k]  # rows strided past their length
+    q, scale = quantize_tokens(x)
+    q_ref, scale_ref = quantize_rows(x)
+    assert q.is_contiguous() and q.dtype == q_ref.dtype and scale.dtype == torch.float32
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    empty_q, empty_scale = quantize_tokens(x[:0])
+    assert empty_q.shape == (0, k) and empty_scale.shape == (0,)
 
 
 def test_unaligned_shapes_fall_back_on_cuda() -> None:

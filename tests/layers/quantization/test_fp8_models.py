@@ -4,8 +4,9 @@ format and ``quantization="fp8"`` on a plain checkpoint, against transformers.
 The reference is built here, independently of ``pagedllm``: the fp8 weights dequantized by hand
 with torch (``weight.float() * weight_scale``) into a plain transformers model of the same
 architecture, whose decoder linears round their inputs to e4m3 the way the fp8 scheme does
-(per token with scale absmax / 448, or with the static ``input_scale``, the largest of the parts
-that share an input). Both run in fp32: greedy tokens equal, log-probabilities close.
+(per token with scale absmax * float32(1 / 448), or with the static ``input_scale``, the
+largest of the parts that share an input). Both run in fp32: greedy tokens equal,
+log-probabilities close.
 Separately, fp8 quantization at load stays close to the unquantized model (stated tolerance).
 """
 
@@ -34,6 +35,10 @@ SHARED_INPUT = {
 }  # fmt: skip
 LOGPROB_ATOL = 1e-4  # measured: equal (same fp32 operations in the same order)
 VOCAB = 512
+# The scale is absmax times this (float32) reciprocal, not absmax / 448: the Triton kernel
+# computes the same bits, and the tiny random model turns a 1-ulp scale difference (an e4m3
+# value rounded the other way) into logprob differences of whole nats.
+INV_MAX = 1.0 / 448
 
 
 def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -41,7 +46,7 @@ def _e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _per_token_qdq(x: torch.Tensor) -> torch.Tensor:
-    scale = (x.abs().amax(dim=-1, keepdim=True) / 448).clamp(min=1 / (448 * 512))
+    scale = (x.abs().amax(dim=-1, keepdim=True) * INV_MAX).clamp(min=1 / (448 * 512))
     return _e4m3(x, scale).float() * scale
 
 
@@ -189,7 +194,7 @@ def test_quantized_at_load_matches_hand_quantized_transformers(
     twin = {}
     for name, w in dense.items():
         if name.rpartition(".")[0].rpartition(".")[2] in PROJ:
-            scale = w.abs().amax(dim=1, keepdim=True) / 448  # one scale per output channel
+            scale = w.abs().amax(dim=1, keepdim=True) * INV_MAX  # one per output channel
             w = _e4m3(w, scale).float() * scale
         twin[name] = w
     twin_dir = _copy_dir(llama_dir, tmp_path / "twin", twin)
