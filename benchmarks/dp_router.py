@@ -13,6 +13,12 @@ POLICY "-" for one replica) starts ``pagedllm serve MODEL -dp DP --router-policy
 JSON line per arm: request and token throughputs, TTFT p50 / p99 (ms), the prefix-cache hit
 rate and the requests each replica got; then one summary line with the speed-ups of the first
 arm over the others.
+
+The routing policy matters when a replica's KV cache cannot hold every system prompt: with
+room for all of them, round robin soon has every prefix cached on both replicas too. So cap
+the pool, e.g. ``-- --num-gpu-blocks-override 3072`` (48k tokens of 16-token blocks: the 16
+prefixes cache_aware gives each replica, 32k tokens, plus the running requests' own blocks;
+round robin would need all 32, 64k), and compare with the pool at its default size.
 """
 
 from __future__ import annotations
