@@ -154,9 +154,10 @@ def _dot(x, packed, zeros, scales, bits, group, bias, cfg) -> torch.Tensor:  # t
         block_k = fit
     k_per_split = triton.cdiv(triton.cdiv(k, cfg["SPLIT_K"]), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    reduce = cfg.get("REDUCE", "twopass") if split_k > 1 else "none"
-    out, part, locks = split_k_buffers(reduce, split_k, m, n, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    reduce, out, part, locks = split_k_buffers(
+        cfg.get("REDUCE", "twopass"), split_k, grid[0] * grid[1], m, n, x.dtype, x.device
+    )
     _dot_kernel[grid](
         x, packed, zeros, scales, bias if bias is not None else scales, out, part, locks,
         m, n, k, k_per_split, group, x.stride(0), out.stride(0),

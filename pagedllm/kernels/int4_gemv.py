@@ -179,11 +179,12 @@ def int_weight_gemv(
     blocks_per_split = triton.cdiv(k_blocks, min(cfg["SPLIT_K"], k_blocks))
     kw_per_split = blocks_per_split * block_kw
     split_k = triton.cdiv(kw_total, kw_per_split)
-    reduce = cfg.get("REDUCE", "serial") if split_k > 1 else "none"
     if cfg["BLOCK_M"] not in (1, 2, 4):
         raise ValueError(f"GEMV BLOCK_M is 1, 2 or 4, not {cfg['BLOCK_M']}")
-    out, part, locks = split_k_buffers(reduce, split_k, m, n, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    reduce, out, part, locks = split_k_buffers(
+        cfg.get("REDUCE", "serial"), split_k, grid[0] * grid[1], m, n, x.dtype, x.device
+    )
     _gemv_kernel[grid](
         x, packed, zeros, scales, bias if bias is not None else scales, out, part, locks,
         m, n, kw_total, kw_per_split, (k if group == k else group) // pf, x.stride(0),

@@ -105,16 +105,20 @@ def tile_locks(device: torch.device) -> torch.Tensor:
 
 
 def split_k_buffers(
-    reduce: str, split_k: int, m: int, n: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, partials, locks)`` for one launch (unused ones are ``out`` itself)."""
+    reduce: str, split_k: int, tiles: int, m: int, n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(reduce, out, partials, locks)`` for one launch of ``tiles`` output tiles (unused
+    buffers are ``out`` itself). ``reduce`` is ``none`` without a split, and ``twopass``
+    instead of ``serial`` past :data:`LOCKS` tiles."""
     if split_k == 1 or reduce == "none":
         out = torch.empty((m, n), dtype=dtype, device=device)
-        return out, out, out
+        return "none", out, out, out
     if reduce == "atomic":
         out = torch.zeros((m, n), dtype=dtype, device=device)
-        return out, out, out
+        return reduce, out, out, out
+    if reduce == "serial" and tiles > LOCKS:
+        reduce = "twopass"
     out = torch.empty((m, n), dtype=dtype, device=device)
     part = torch.empty((split_k, m, n), dtype=torch.float32, device=device)
     locks = tile_locks(out.device) if reduce == "serial" else out
-    return out, part, locks
+    return reduce, out, part, locks
