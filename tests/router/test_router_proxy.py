@@ -2,7 +2,8 @@
 
 Answers through the router equal the workers' own (streaming included), a shared prefix stays
 on one worker, 4xx answers pass through, a killed worker's requests are retried on the other
-before any byte was sent, and the worker re-enters rotation once its /health passes again.
+before any byte was sent, a silent worker leaves rotation and re-enters it once its /health
+passes again, and a data-parallel worker (``-dp 2``) stops with both its engines on SIGTERM.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def workers(llama_dir: Path, logs: Path) -> Iterator[list[ServerProc]]:
-    procs = [launch(f"w{i}", llama_dir, logs) for i in range(2)]
+    # w0 is itself data-parallel (two engine processes): the router sees one worker.
+    procs = [launch("w0", llama_dir, logs, "-dp", "2"), launch("w1", llama_dir, logs)]
     try:
         for p in procs:
             p.wait_ready(time.monotonic() + _START_S)
@@ -177,6 +179,17 @@ def test_a_killed_worker_is_retried_elsewhere(workers: list[ServerProc], logs: P
         assert view[workers[0].base_url]["routed"] == 4
     finally:
         stop(lazy)
+
+
+def test_a_data_parallel_worker_stops_cleanly(workers: list[ServerProc]) -> None:
+    """SIGTERM: both engine processes stop with the server, exit status 0."""
+    w = workers[0]
+    pids = [p for p in w.engine_pids() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(pids) == 2
+    w.terminate()
+    assert w.proc.wait(30) == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
 
 
 def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
