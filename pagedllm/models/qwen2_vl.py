@@ -97,7 +97,11 @@ class Qwen2VLAttention(nn.Module):
     attention."""
 
     def __init__(
-        self, cfg: ArchitectureConfig, quant_config: QuantizationConfig | None, prefix: str
+        self,
+        cfg: ArchitectureConfig,
+        rotary: MRotaryEmbedding,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -117,9 +121,7 @@ class Qwen2VLAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.rotary = MRotaryEmbedding(
-            self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, mrope_section(cfg)
-        )
+        self.rotary = rotary  # one table for every layer
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
@@ -139,10 +141,14 @@ class Qwen2VLAttention(nn.Module):
 
 class Qwen2VLDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ArchitectureConfig, quant_config: QuantizationConfig | None, prefix: str
+        self,
+        cfg: ArchitectureConfig,
+        rotary: MRotaryEmbedding,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
     ) -> None:
         super().__init__()
-        self.self_attn = Qwen2VLAttention(cfg, quant_config, f"{prefix}.self_attn")
+        self.self_attn = Qwen2VLAttention(cfg, rotary, quant_config, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(cfg, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -170,8 +176,11 @@ class Qwen2VLTextModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, quant_config=quant_config, prefix="model.embed_tokens"
         )
+        rotary = MRotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, mrope_section(cfg)
+        )
         self.layers = nn.ModuleList(
-            Qwen2VLDecoderLayer(cfg, quant_config, f"model.layers.{i}")
+            Qwen2VLDecoderLayer(cfg, rotary, quant_config, f"model.layers.{i}")
             for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -7,6 +7,7 @@ from torch import nn
 from pagedllm.config import ArchitectureConfig
 from pagedllm.models.llama import LlamaForCausalLM, MistralForCausalLM
 from pagedllm.models.qwen import Qwen2ForCausalLM, Qwen3ForCausalLM
+from pagedllm.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from pagedllm.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -15,6 +16,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 
 

@@ -22,8 +22,11 @@ import numpy as np
 from pagedllm.core.scheduler_output import MultiModalFeature
 from pagedllm.multimodal.image import image_hash, load_image
 
-# Architectures that take images, with the config.json keys of their placeholder tokens.
-MULTIMODAL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
+# Architectures that take images (their placeholder token is config.json's image_token_id).
+MULTIMODAL_ARCHITECTURES = (
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
 
 
 def is_multimodal(raw_config: dict[str, Any]) -> bool:

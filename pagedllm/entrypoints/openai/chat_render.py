@@ -6,6 +6,11 @@ as ``system``, a ``tool`` message's ``tool_call_id`` kept, and an assistant turn
 ``tool_calls`` with their ``arguments`` as objects (JSON text is parsed: templates expect
 objects, as the Transformers documentation says; text that is not a JSON object is passed on
 as it is). ``tools`` go to the template as OpenAI spells them.
+
+``image_url`` parts (a model that takes images only; a text-only model answers 400) stay where
+they are: such a message's content goes to the template as a list of ``{"type": "text"}`` and
+``{"type": "image"}`` parts, which templates like Qwen2-VL's render as the image placeholder,
+and ``image_urls`` lists the images in the same order for the input processor.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedllm.engine.tokenizer import apply_chat_template
 from pagedllm.entrypoints.openai.errors import bad_request
-from pagedllm.entrypoints.openai.protocol import ChatMessage, MessageToolCall
+from pagedllm.entrypoints.openai.protocol import ChatMessage, MessageToolCall, TextContentPart
 from pagedllm.entrypoints.openai.server_state import check_unicode
 
 _TEXT_PART_TYPES = ("text", "input_text")
@@ -50,24 +55,75 @@ def _tool_call(call: MessageToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": function}
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def _image_url(part: TextContentPart, i: int, images_allowed: bool) -> str:
+    """The URL of image part ``part`` of ``messages[i]``; 400 when it cannot be used."""
+    if not images_allowed:
+        raise bad_request(
+            f"messages[{i}]: unsupported content part type 'image_url'; this model is "
+            "text-only (only text parts are supported).",
+            "messages",
+        )
+    img = part.image_url
+    if img is None:
+        raise bad_request(f"messages[{i}]: an image_url part needs image_url.url.", "messages")
+    if img.model_extra:
+        name = next(iter(img.model_extra))
+        raise bad_request(f"messages[{i}]: unsupported field image_url.{name}.", "messages")
+    if img.detail not in (None, "auto"):
+        raise bad_request(
+            f"messages[{i}]: image_url.detail={img.detail!r} is not supported (only 'auto').",
+            "messages",
+        )
+    return img.url
+
+
+def image_urls(messages: list[ChatMessage]) -> list[str]:
+    """The URLs of the ``image_url`` parts, in order (checked by ``template_messages``)."""
+    return [
+        p.image_url.url
+        for m in messages
+        if isinstance(m.content, list)
+        for p in m.content
+        if p.type == "image_url" and p.image_url is not None
+    ]
+
+
+def _part_content(m: ChatMessage, i: int, images_allowed: bool) -> str | list[dict[str, Any]]:
+    """A list-content message's template content: joined text, or parts when it has images."""
+    assert isinstance(m.content, list)
+    texts: list[str] = []
+    parts: list[dict[str, Any]] = []
+    for part in m.content:
+        if part.type == "image_url":
+            _image_url(part, i, images_allowed)
+            parts.append({"type": "image"})
+            continue
+        if part.type not in _TEXT_PART_TYPES or part.text is None:
+            raise bad_request(
+                f"messages[{i}]: unsupported content part type {part.type!r}; only text"
+                + (" and image_url" if images_allowed else "")
+                + " parts are supported.",
+                "messages",
+            )
+        check_unicode(part.text, "messages")
+        texts.append(part.text)
+        parts.append({"type": "text", "text": part.text})
+    if len(parts) == len(texts):
+        return "\n".join(texts)
+    return parts
+
+
+def template_messages(
+    messages: list[ChatMessage], images_allowed: bool = False
+) -> list[dict[str, Any]]:
     """Request messages as chat-template dicts (see the module doc)."""
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if isinstance(m.content, list):
-            texts: list[str] = []
-            for part in m.content:
-                if part.type not in _TEXT_PART_TYPES or part.text is None:
-                    raise bad_request(
-                        f"messages[{i}]: unsupported content part type {part.type!r}; only "
-                        "text parts are supported.",
-                        "messages",
-                    )
-                texts.append(part.text)
-            content = "\n".join(texts)
+            content: str | list[dict[str, Any]] = _part_content(m, i, images_allowed)
         else:
             content = m.content or ""
-        check_unicode(content, "messages")
+            check_unicode(content, "messages")
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
         d["content"] = content
         if m.name is not None:

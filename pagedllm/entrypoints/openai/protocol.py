@@ -207,9 +207,21 @@ class SamplingFields(OpenAIModel):
             )
 
 
+class ImageURL(OpenAIModel):
+    """An ``image_url`` part's image: a ``data:image/...;base64,`` URL (``file://`` inside
+    ``--allowed-local-media-path``; remote URLs are refused)."""
+
+    url: str
+    detail: str | None = None
+
+
 class TextContentPart(OpenAIModel):
+    """A content part: text (``text`` / ``input_text``), or an image (``image_url``) for a
+    model that takes images."""
+
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCall(OpenAIModel):

@@ -6,6 +6,10 @@ Messages (system / developer / user / assistant / tool; string or text-part cont
 output becomes tool calls. Streaming sends a ``role`` chunk per choice, then content (and
 tool-call) deltas, then a ``finish_reason`` chunk per choice, an optional usage chunk and
 ``data: [DONE]``.
+
+``image_url`` parts (models that take images): the images are decoded, checked and processed
+in the tokenizer pool by the engine's own input processor (a bad image is a 400 naming it),
+and travel to the engine as processed features with the expanded prompt.
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from pagedllm.engine.messages import AddRequest
 from pagedllm.entrypoints.openai.accounting import PromptResult, RequestTracker, TokenCount
-from pagedllm.entrypoints.openai.chat_render import content_chars, render_chat, template_messages
+from pagedllm.entrypoints.openai.chat_render import (
+    content_chars,
+    image_urls,
+    render_chat,
+    template_messages,
+)
 from pagedllm.entrypoints.openai.errors import bad_request
 from pagedllm.entrypoints.openai.logprobs import chat_logprobs
 from pagedllm.entrypoints.openai.protocol import (
@@ -55,7 +65,7 @@ class ChatServing(OpenAIServing):
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Chat-template token ids of ``messages`` (and ``tools``); template problems are 400s."""
-        conv = template_messages(messages)
+        conv = template_messages(messages, images_allowed=self.processor.images is not None)
         try:
             return render_chat(
                 self.tokenizer, conv, add_generation_prompt, self.state.chat_template, tools
@@ -72,6 +82,23 @@ class ChatServing(OpenAIServing):
         """``render`` in the tokenizer pool, after the instant too-long check."""
         self.state.check_text_fits(content_chars(messages, tools), "messages")
         return await self.off_loop(self.render, messages, add_generation_prompt, tools)
+
+    def with_images(self, prompt_ids: list[int], urls: list[str]) -> tuple[list[int], Any]:
+        """(expanded prompt ids, the engine prompt with processed images) of a prompt whose
+        template placed ``urls``; a bad image is a 400 naming it."""
+        try:
+            ids, features = self.processor.tokenize_multimodal(
+                {"prompt_token_ids": prompt_ids, "multi_modal_data": {"image": urls}}
+            )
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from e
+        if "mm_features" not in AddRequest.__dataclass_fields__:
+            raise bad_request(
+                "Image inputs are not supported through the server yet (the engine protocol "
+                "does not carry them); use the offline LLM API.",
+                "messages",
+            )
+        return ids, {"prompt_token_ids": ids, "mm_features": features}
 
     async def create(self, req: ChatCompletionRequest, raw: Request, http_id: str) -> Response:
         model = self.model_name(req.model)
@@ -98,11 +125,15 @@ class ChatServing(OpenAIServing):
             stream=req.stream,
             constraint=constraint,
         )
+        prompt: Any = prompt_ids
+        urls = image_urls(req.messages)
+        if urls:
+            prompt_ids, prompt = await self.off_loop(self.with_images, prompt_ids, urls)
         self.check_prompt(prompt_ids, params, max_tokens, "messages")
         ctx = _ChatCtx(self, req, model, len(prompt_ids), plan)
         ctx.tracker = self.tracker("chat.completions", ctx.id, http_id, req.stream)
         self.track_usage(ctx.tracker, rate_subject(raw), len(prompt_ids))
-        stream = self.merged_generate([prompt_ids], params, ctx.id, req.priority, constraint)
+        stream = self.merged_generate([prompt], params, ctx.id, req.priority, constraint)
         return await self.respond(
             raw, ctx.tracker, stream, req.n, ctx.chunks if req.stream else None, ctx.final
         )
