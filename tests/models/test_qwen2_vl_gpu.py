@@ -1,7 +1,7 @@
-"""Qwen2-VL on the GPU: fp32 greedy equals transformers' CPU output token for token, eager
-and with CUDA graphs (decode steps replay graphs with M-RoPE ids shifted to 1D), through the
-GPU attention backend's plain KV write + attention (the model applies M-RoPE itself); bf16
-runs the same prompts to completion."""
+"""Qwen2-VL and Qwen2.5-VL on the GPU: fp32 greedy equals transformers' CPU output token for
+token, eager and with CUDA graphs (decode steps replay graphs with M-RoPE ids shifted to 1D),
+through the GPU attention backend's plain KV write + attention (the model applies M-RoPE
+itself); bf16 runs the same prompts to completion."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from tests.fixtures.tiny_vl_models import build_tiny_vl_model, hf_vl_greedy, make_image
+from tests.fixtures.tiny_vl_models import VL_ARCHES, build_tiny_vl_model, hf_vl_greedy, make_image
 from tests.models.test_qwen2_vl import CASES
 
 pytestmark = pytest.mark.gpu
 NEW = 16
 
 
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_vl_model(tmp_path_factory.mktemp("tiny_qwen2_vl_gpu"))
+@pytest.fixture(scope="module", params=VL_ARCHES)
+def vl_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    arch = request.param
+    return build_tiny_vl_model(tmp_path_factory.mktemp(f"tiny_{arch}_gpu"), arch=arch)
 
 
 def _run(vl_dir: Path, **kw: object) -> tuple[list, list]:
