@@ -184,12 +184,12 @@ def _profile_cuda(config: EngineConfig, spec: KVCacheSpec, runner: ModelRunner) 
     torch.cuda.synchronize()
     if calibrate:
         calibrate_kv_scales(runner.attn_layers, caches, spec.dtype)
-    profile_cache_bytes = sum(c.numel() * c.element_size() for c in caches)
     del caches
     unbind_kv_caches(runner.attn_layers)
     torch.cuda.empty_cache()
-    # The profile's own cache was resident at the peak; the real pool takes its place.
-    peak = torch.cuda.max_memory_allocated() - profile_cache_bytes
+    # The peak includes the profile step's own cache (in the model's dtype when calibrating,
+    # so both KV dtypes count the same bytes): a margin, as before fp8 existed.
+    peak = torch.cuda.max_memory_allocated()
     free, total = torch.cuda.mem_get_info()
     non_torch = total - free - torch.cuda.memory_reserved()
     per_block = spec.bytes_per_block
