@@ -170,6 +170,13 @@ def _tasks(dtype: torch.dtype, sms: int, shapes: dict, ms: tuple) -> list[tuple[
     return tasks
 
 
+def _variant(cfg: dict[str, Any]) -> str:
+    """What Triton compiles separately (the tiles and switches; not the K split's size)."""
+    key = {k: v for k, v in cfg.items() if k != "SPLIT_K"}
+    key["split"] = cfg.get("SPLIT_K", 1) > 1
+    return json.dumps(key, sort_keys=True)
+
+
 def _compile_worker(args: tuple) -> dict[int, str]:
     """Run each task once (compiles into Triton's cache). Returns the index of a task that
     broke the CUDA context (an illegal address, ...) with its error, and stops there: the
@@ -264,8 +271,13 @@ def main() -> None:
             "torch": torch.__version__, "tasks": len(tasks)}  # fmt: skip
     fatal: dict[int, str] = {}
     if args.jobs > 1:  # parallel compile into the on-disk Triton cache
-        indexed = [(i, *t) for i, t in enumerate(tasks)]
-        chunks = [indexed[i :: args.jobs] for i in range(args.jobs)]
+        # Tasks of one kernel variant go to one worker, so each variant compiles once.
+        groups: dict[str, list] = {}
+        for i, (name, m, cfg) in enumerate(tasks):
+            groups.setdefault(_variant(cfg), []).append((i, name, m, cfg))
+        chunks: list[list] = [[] for _ in range(args.jobs)]
+        for j, group in enumerate(groups.values()):
+            chunks[j % args.jobs].extend(group)
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.jobs) as pool:
             res = pool.map_async(_compile_worker, [(c, args.dtype) for c in chunks])
@@ -275,6 +287,9 @@ def main() -> None:
                 meta["compile"] = "done"
             except mp.TimeoutError:
                 meta["compile"] = "timeout"
+                pool.terminate()
+            except Exception as e:  # noqa: BLE001 - timing compiles what is missing
+                meta["compile"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
                 pool.terminate()
     meta["fatal"] = len(fatal)
     meta["compile_s"] = round(time.perf_counter() - t_start, 1)

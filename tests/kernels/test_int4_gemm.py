@@ -145,6 +145,15 @@ def test_serial_split_k_is_deterministic_and_graph_safe() -> None:
         )
 
 
+def test_serial_reduction_past_its_tile_counters_becomes_two_pass() -> None:
+    from pagedllm.kernels.int4_splitk import LOCKS, split_k_buffers
+
+    dev = torch.device("cuda")
+    assert split_k_buffers("serial", 2, LOCKS, 4, 8, torch.float16, dev)[0] == "serial"
+    assert split_k_buffers("serial", 2, LOCKS + 1, 4, 8, torch.float16, dev)[0] == "twopass"
+    assert split_k_buffers("serial", 1, 10, 4, 8, torch.float16, dev)[0] == "none"
+
+
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 64, 256])
 def test_default_dispatch_on_a_qwen_shape(m: int) -> None:
     """Whatever ``pick_config`` chooses (measured table or heuristic) is right."""
