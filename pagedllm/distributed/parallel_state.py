@@ -151,12 +151,29 @@ def abort_tensor_parallel() -> None:
         distributed_c10d._abort_process_group()
 
 
-def destroy_tensor_parallel() -> None:
-    """Leave the process group (if any) and fall back to a single rank."""
+def destroy_tensor_parallel(timeout_s: float | None = None) -> bool:
+    """Leave the process group (if any) and fall back to a single rank.
+
+    Every rank calls it (NCCL tears its communicator down together). With ``timeout_s``, a
+    teardown that has not finished by then (a peer that is gone) is abandoned: the group is
+    aborted instead and False returned; this rank is a single rank again either way.
+    """
     global _tp_group
+    done = True
     if _tp_group.world_size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            if timeout_s is None:
+                dist.destroy_process_group()
+            else:
+                import threading
+
+                worker = threading.Thread(target=dist.destroy_process_group, daemon=True)
+                worker.start()
+                worker.join(timeout_s)
+                if worker.is_alive():
+                    done = False
+                    abort_tensor_parallel()
     _tp_group = _SINGLE
+    return done

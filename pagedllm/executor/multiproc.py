@@ -52,6 +52,7 @@ from pagedllm.worker.step_output import StepHandle
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # joining the group; model loading has no limit of ours
+SHUTDOWN_TIMEOUT_S = 10.0  # leaving the group, then the workers' exit
 
 
 @contextlib.contextmanager
@@ -338,7 +339,12 @@ class MultiprocExecutor(Executor):
         for sock in self._socks:
             with contextlib.suppress(zmq.ZMQError):
                 sock.send(frame, zmq.NOBLOCK)
-        deadline = time.monotonic() + 5.0
+        try:  # together with the workers, which leave the group on "shutdown"
+            if not destroy_tensor_parallel(timeout_s=SHUTDOWN_TIMEOUT_S):
+                logger.warning("the tensor-parallel group did not close in time; aborted it")
+        except Exception:  # noqa: BLE001 - an aborted group may refuse a clean exit
+            logger.warning("leaving the tensor-parallel group failed", exc_info=True)
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
@@ -349,10 +355,6 @@ class MultiprocExecutor(Executor):
         self._monitor.join(2.0)
         os.close(self._stop_r)
         os.close(self._stop_w)
-        try:
-            destroy_tensor_parallel()
-        except Exception:  # noqa: BLE001 - an aborted group may refuse a clean exit
-            logger.warning("leaving the tensor-parallel group failed", exc_info=True)
         for sock in [*self._socks, self._replies]:
             sock.close(0)
         self.ctx.term()

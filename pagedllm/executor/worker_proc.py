@@ -81,7 +81,10 @@ def run_worker(args: WorkerArgs, parent_pid: int) -> None:
     try:
         runner = _start(args)
         reply(("ready", args.rank, runner.num_blocks))
-        _serve(runner, steps, reply, args)
+        if _serve(runner, steps, reply, args):  # rank 0 said "shutdown": leave together
+            from pagedllm.distributed import destroy_tensor_parallel
+
+            destroy_tensor_parallel(timeout_s=10.0)
     except BaseException:  # reported to rank 0 (it names the rank and the cause), then exit
         reply(("error", args.rank, traceback.format_exc()))
         replies.close()
@@ -111,8 +114,8 @@ def _start(args: WorkerArgs) -> Any:
     return runner
 
 
-def _serve(runner: Any, steps: zmq.Socket, reply: Any, args: WorkerArgs) -> None:
-    """Replay rank 0's calls until ``shutdown`` (or the parent's death)."""
+def _serve(runner: Any, steps: zmq.Socket, reply: Any, args: WorkerArgs) -> bool:
+    """Replay rank 0's calls; True at ``shutdown``, False when the parent is gone."""
     poller = zmq.Poller()
     poller.register(steps, zmq.POLLIN)
     parent = multiprocessing.parent_process()
@@ -123,11 +126,11 @@ def _serve(runner: Any, steps: zmq.Socket, reply: Any, args: WorkerArgs) -> None
     while True:
         ready = dict(poller.poll())
         if steps not in ready:  # only the parent's sentinel: it is gone
-            return
+            return False
         msg = decode(steps.recv(), args.key)
         kind = msg[0]
         if kind == "shutdown":
-            return
+            return True
         handle = None
         if kind == "model":
             forward = runner.execute_model(msg[2])
