@@ -90,8 +90,8 @@ class ModelConfig:
         metadata={
             "help": "weight quantization method of the checkpoint; must agree with its "
             "config.json quantization_config (gguf: the model is a .gguf file, dequantized at "
-            "load; fp8 on a plain bf16/fp16/fp32 checkpoint: its linear weights quantized to "
-            "fp8 e4m3 at load, per output channel, activations per token)",
+            "load; fp8 on a plain bf16/fp16/fp32 checkpoint or a .gguf file: its linear weights "
+            "quantized to fp8 e4m3 at load, per output channel, activations per token)",
             "default_help": "detected from config.json's quantization_config",
             "choices": QUANTIZATION_METHODS,
         },
@@ -143,11 +143,12 @@ class ModelConfig:
             )
         check_choice(self, "load_format")
         if self.gguf_file is not None:
-            if self.quantization not in (None, "gguf"):
+            if self.quantization not in (None, "gguf", "fp8"):
                 raise config_error(
-                    f"quantization={self.quantization!r}, but the model is a GGUF file."
+                    f"quantization={self.quantization!r}, but the model is a GGUF file "
+                    "(supported: gguf, or fp8 to quantize its dequantized weights at load)."
                 )
-            self.quantization = "gguf"
+            self.quantization = self.quantization or "gguf"
             return
         self.quantization = resolve_quantization(self.quantization, self.arch.raw)
 

