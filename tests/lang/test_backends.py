@@ -132,3 +132,45 @@ def test_openai_backend_chat_gen(local: lang.LocalBackend, lang_server: ThreadSe
 def test_endpoint_reports_server_errors(lang_server: ThreadServer) -> None:
     with pytest.raises(RuntimeError, match="401"):
         lang.Endpoint(lang_server.base_url, api_key="wrong")
+
+
+def test_endpoint_without_a_chat_template_uses_plain_roles(llama_dir: Path, tmp_path: Path) -> None:
+    """A model whose tokenizer has no chat template (e.g. a bench preset's synthetic one):
+    the Endpoint falls back to ``ROLE: text`` lines exactly as LocalBackend does, and a
+    multi-turn program gives the same greedy text on both."""
+    import json
+    import shutil
+
+    from tests.lang.native_server import serve_subprocess
+
+    model = tmp_path / "no-template"
+    shutil.copytree(llama_dir, model)
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    for extra in model.glob("chat_template.*"):
+        extra.unlink()
+
+    @lang.function
+    def chat(s: ProgramState) -> None:
+        s += lang.system("Be brief.")
+        s += lang.user("Hi")
+        s += lang.assistant(lang.gen("a", max_tokens=4))
+        s += lang.user("More")
+        s += lang.assistant(lang.gen("b", max_tokens=4))
+
+    local = lang.LocalBackend(str(model), device="cpu", max_model_len=512)
+    try:
+        want = chat.run(backend=local, temperature=0)
+        assert local.role_template == lang.roles.plain_role_template()
+    finally:
+        local.close()
+    with serve_subprocess(model, tmp_path / "serve.log") as server:
+        endpoint = lang.Endpoint(server.base_url)
+        try:
+            assert endpoint.role_template == local.role_template
+            got = chat.run(backend=endpoint, temperature=0)
+        finally:
+            endpoint.close()
+    assert got.text() == want.text()

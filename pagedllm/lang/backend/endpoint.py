@@ -17,7 +17,7 @@ import httpx
 
 from pagedllm.lang.backend.base import Backend, GenOutput, OnDelta, ScoredPrompt
 from pagedllm.lang.ir import GenParams
-from pagedllm.lang.roles import RoleTemplate, derive_role_template
+from pagedllm.lang.roles import RoleTemplate, derive_role_template, plain_role_template
 
 
 def native_sampling_params(params: GenParams) -> dict[str, Any]:
@@ -42,6 +42,11 @@ def native_sampling_params(params: GenParams) -> dict[str, Any]:
     return {k: v for k, v in sp.items() if v is not None}
 
 
+# What the server's /tokenize answers for messages when the model has no chat template
+# (``pagedllm.engine.tokenizer.apply_chat_template``).
+NO_TEMPLATE = "has no chat template"
+
+
 class Endpoint(Backend):
     """A pagedllm server at ``base_url`` (e.g. ``http://127.0.0.1:8000``)."""
 
@@ -55,7 +60,18 @@ class Endpoint(Backend):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self.model_info = self._call("GET", "/get_model_info")
-        self._roles = role_template or derive_role_template(self._render, self._auto_prefix())
+        self._roles = role_template or self._derive_roles()
+
+    def _derive_roles(self) -> RoleTemplate:
+        """The server's chat template split into role markers; ``ROLE: text`` lines when the
+        model has none, as ``LocalBackend`` does for the same model."""
+        try:
+            self._render([{"role": "user", "content": "a"}], False)
+        except RuntimeError as e:
+            if NO_TEMPLATE not in str(e):
+                raise
+            return plain_role_template()
+        return derive_role_template(self._render, self._auto_prefix())
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         r = self._client.request(method, path, json=body)
