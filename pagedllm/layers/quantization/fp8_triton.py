@@ -36,7 +36,8 @@ def _per_token_quant_kernel(
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
         scale = tl.maximum(amax * (1.0 / FP8_MAX), MIN_SCALE)
-        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+        q = tl.math.div_rn(x, tl.zeros([BLOCK_K], tl.float32) + scale)
+        q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
         tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK_K], tl.float32)
@@ -49,7 +50,8 @@ def _per_token_quant_kernel(
         for k0 in range(0, k, BLOCK_K):
             mask = k0 + offs < k
             x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+            q = tl.math.div_rn(x, tl.zeros([BLOCK_K], tl.float32) + scale)
+            q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
             tl.store(q_row + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 

@@ -7,11 +7,11 @@ A weight ``W`` [N, K] is held as ``Wq`` (float8_e4m3fn) with one float32 scale p
     y = (xq @ Wq^T) * x_scale[:, None] * w_scale[None, :]
 
 On CUDA devices with fp8 tensor cores (compute capability 8.9+: Ada, Hopper) the product runs
-in ``torch._scaled_mm``: row-wise scales fused into the GEMM when the output is bfloat16 (the
-form cuBLASLt / CUTLASS support), otherwise a unit-scale fp8 GEMM into float32 followed by the
-two scale multiplications. Everywhere else (CPU CI, older GPUs, shapes ``_scaled_mm`` refuses)
-:func:`fp8_linear_reference` dequantizes both operands and multiplies in the activation dtype:
-the same values, so CPU tests check the math the GPU runs.
+in ``torch._scaled_mm``: row-wise scales fused into the GEMM when the output is bfloat16 on
+sm90+ (the form torch's CUTLASS kernel supports), otherwise a unit-scale fp8 GEMM into float32
+followed by the two scale multiplications. Everywhere else (CPU CI, older GPUs, shapes
+``_scaled_mm`` refuses) :func:`fp8_linear_reference` dequantizes both operands and multiplies
+in the activation dtype: the same values, so CPU tests check the math the GPU runs.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def fp8_linear_reference(
 
 
 @functools.cache
-def _has_fp8_tensor_cores(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 @functools.cache
@@ -84,7 +84,7 @@ def unit_scale(device: torch.device) -> torch.Tensor:
 
 def scaled_mm_supported(xq: torch.Tensor, wq: torch.Tensor) -> bool:
     """Whether :func:`fp8_linear` runs ``torch._scaled_mm`` for these operands."""
-    if not xq.is_cuda or not _has_fp8_tensor_cores(xq.device.index or 0):
+    if not xq.is_cuda or _capability(xq.device.index or 0) < (8, 9):
         return False
     k, n = wq.shape[1], wq.shape[0]
     # cuBLASLt fp8 GEMMs need 16-byte aligned leading dimensions.
@@ -105,7 +105,7 @@ def fp8_linear(
         return fp8_linear_reference(xq, x_scale, wq, w_scale, out_dtype, bias)
     xq = xq.contiguous()
     b = wq.t()  # [K, N] column-major, as _scaled_mm wants its second operand
-    if out_dtype == torch.bfloat16:
+    if out_dtype == torch.bfloat16 and _capability(xq.device.index or 0) >= (9, 0):
         out = torch._scaled_mm(
             xq,
             b,
@@ -114,7 +114,8 @@ def fp8_linear(
             out_dtype=out_dtype,
         )
     else:
-        # Row-wise scaling is bfloat16-only in cuBLASLt: unit scales into float32, scale after.
+        # Row-wise scaling (CUTLASS, sm90+) is bfloat16-only: unit scales into float32, then
+        # the scales (also what Ada GPUs run).
         one = unit_scale(xq.device)
         out = torch._scaled_mm(xq, b, scale_a=one, scale_b=one, out_dtype=torch.float32)
         out = (out * x_scale.float().reshape(-1, 1) * w_scale.float().reshape(1, -1)).to(out_dtype)
