@@ -19,6 +19,7 @@ this module (to register the command) loads neither torch nor transformers.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import re
 import time
@@ -310,6 +311,11 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     if "local" in backends:
         results["local"] = _run_local(kwargs, args)
+        # Hand the in-process engine's device memory back before a server's engine starts
+        # (its pool is sized from what is free: the cached blocks would look taken).
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if "http" in backends:
         results["http"] = _run_http(kwargs, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
