@@ -67,41 +67,48 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[dict[str, Any]]:
             "SWAP_AB": swap, "num_warps": warps, "num_stages": stages,
         })  # fmt: skip
 
+    def tiles(bm: int, max_words: int) -> list[tuple[int, int, int]]:
+        """(BLOCK_N, BLOCK_K, warps) with 8..max_words words per thread (a 1 KiB K block)."""
+        return [
+            (bn, bk, warps)
+            for bn in (128, 256, 512, 1024)
+            for bk in (32, 64, 128)
+            for warps in (2, 4, 8)
+            if 8 <= bk // 8 * bn // (32 * warps) <= max_words and bn // 32 >= 4 * warps // 4
+        ]
+
     if m == 1:
-        tiles = [(128, 128, 4), (256, 64, 4), (512, 32, 2), (1024, 32, 4), (512, 64, 4),
-                 (256, 128, 4), (64, 128, 2), (128, 64, 2)]  # fmt: skip
-        for bn, bk, warps in tiles:
-            for per_sm in (4, 8):
+        for bn, bk, warps in tiles(1, 32):
+            for per_sm in (2, 4, 8):
                 gemv(1, bn, bk, warps, per_sm)
-        for bn, bk, warps in tiles[:3]:
             gemv(1, bn, bk, warps, 4, prefetch=False)
-        gemv(1, 512, 32, 2, 2)
         gemv(1, 512, 32, 2, 16)
-        gemv(1, 1024, 32, 8, 4)
+        gemv(1, 256, 64, 4, 16)
         for reduce in ("twopass", "atomic"):
             gemv(1, 512, 32, 2, 4, reduce=reduce)
-            gemv(1, 128, 128, 4, 4, reduce=reduce)
+            gemv(1, 256, 64, 4, 4, reduce=reduce)
     elif m in (2, 4):
-        for bn, bk, warps in [(256, 64, 4), (512, 32, 4), (128, 128, 4), (256, 32, 2)]:
+        for bn, bk, warps in tiles(m, 16 if m == 2 else 8):
             for per_sm in (4, 8):
                 gemv(m, bn, bk, warps, per_sm)
-        gemv(m, 128, 64, 4, 4)
-        gemv(m, 512, 32, 4, 4, prefetch=False)
+        gemv(m, 256, 64, 4, 4, reduce="atomic")
         gemv(m, 256, 64, 4, 4, reduce="twopass")
         if m == 4:
-            gemv(2, 512, 32, 4, 4)
-            gemv(2, 256, 64, 4, 4)
+            for bn, bk, warps in tiles(2, 16):
+                gemv(2, bn, bk, warps, 4)
             dot(16, 64, 128, 4, 3, 4, swap=True)
             dot(16, 128, 128, 4, 3, 4, swap=True)
     elif m == 8:
-        for bn, bk, warps in [(256, 32, 4), (128, 64, 4), (512, 32, 4)]:
+        for bn, bk, warps in tiles(4, 8):
             for per_sm in (4, 8):
                 gemv(4, bn, bk, warps, per_sm)
         gemv(2, 512, 32, 4, 4)
+        gemv(2, 256, 64, 4, 4)
         for swap in (False, True):
             for per_sm in (2, 4):
                 dot(16, 64, 128, 4, 3, per_sm, swap)
         dot(16, 128, 128, 4, 3, 4, swap=True)
+        dot(16, 128, 128, 4, 3, 2, swap=True)
     elif m <= 64:
         bm = m
         for bn, bk, warps, stages in [
@@ -113,8 +120,12 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[dict[str, Any]]:
             for per_sm in (2, 4):
                 dot(bm, bn, bk, warps, stages, per_sm)
         for bn in (64, 128):
-            for per_sm in (2, 4):
+            for per_sm in (1, 2, 4):
                 dot(bm, bn, 128, 4, 3, per_sm, swap=True)
+        dot(bm, 128, 128, 4, 4, 2, swap=True)
+        dot(bm, 64, 128, 4, 5, 2, swap=True)
+        dot(bm, 256, 128, 8, 3, 2, swap=True)
+        dot(bm, 128, 64, 4, 4, 2, swap=True)
         dot(bm, 128, 64, 4, 3, 2, reduce="twopass")
         dot(bm, 128, 64, 4, 3, 2, reduce="atomic")
         if m == 16:
@@ -252,7 +263,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--budget-s", type=float, default=190.0)
-    ap.add_argument("--jobs", type=int, default=12)
+    ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--ms", default=",".join(map(str, MS)))
