@@ -316,6 +316,7 @@ def main(args: argparse.Namespace) -> int:
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "dataset": str(args.dataset or BUILTIN_DATASET),
         "embedding_model": str(embedder.model_dir),
+        "embedding_name": embedder.name,
         "summary": score(sims, args.threshold),
         "candidate": {
             "label": labels[0],

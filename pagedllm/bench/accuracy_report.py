@@ -26,13 +26,14 @@ def markdown(rep: dict[str, Any]) -> str:
         f"reference ({ref['kind']}): {ref['label']}",
         f"questions: {len(rep['questions'])} from {rep['dataset']}; greedy, at most "
         f"{rep['args']['max_tokens']} tokens, one request at a time after a warm-up",
-        f"similarity: cosine of {Path(rep['embedding_model']).name} sentence embeddings",
+        f"similarity: cosine of {rep['embedding_name']} sentence embeddings "
+        f"({rep['embedding_model']})",
     ]
     model = cand["engine"].get("model", "")
     text = report.header_lines("pagedllm bench accuracy", rep["env"], model, extra)
     text += report.markdown_table(
         ["mean similarity", f"share >= {s['threshold']}", "min similarity"],
-        [[s["mean_similarity"], s["share_similar"], s["min_similarity"]]],
+        [[f"{s[k]:.4f}" for k in ("mean_similarity", "share_similar", "min_similarity")]],
     )
     rows = [
         [
@@ -68,6 +69,7 @@ def markdown(rep: dict[str, Any]) -> str:
 
 def plot(path: Path, rep: dict[str, Any]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,6 +81,7 @@ def plot(path: Path, rep: dict[str, Any]) -> None:
     left.axhline(s["threshold"], color="tab:red", linestyle="--", label=f"{s['threshold']}")
     left.set_ylim(min(0.0, min(sims)), 1.05)
     left.set_xlabel("question (sorted)")
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.set_title(
         f"similarity: mean {s['mean_similarity']:.3f}, "
         f"{100 * s['share_similar']:.0f}% >= {s['threshold']}",

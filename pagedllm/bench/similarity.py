@@ -46,6 +46,7 @@ class SentenceEmbedder:
 
         path = Path(model_dir) if model_dir is not None else default_model_dir()
         self.model_dir = path
+        self.name = "all-MiniLM-L6-v2" if model_dir is None else path.name
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(self.device)
