@@ -37,7 +37,7 @@ from pagedllm.entrypoints.openai.generation_config import (
     check_generation_config_args,
 )
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
-from pagedllm.router.policies import add_policy_args, policy_config_from_args
+from pagedllm.router.policies import CacheAwareConfig, add_policy_args, policy_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +250,22 @@ def _check(args: argparse.Namespace) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    _check_router_flags(args)
     check_http_args(args)
     check_generation_config_args(args)
+
+
+def _check_router_flags(args: argparse.Namespace) -> None:
+    """The routing flags choose among replicas: with one, a changed one is an error, not a
+    silent no-op."""
+    if args.data_parallel_size != 1:
+        return
+    defaults = {"router_policy": "cache_aware", **vars(CacheAwareConfig())}
+    for name, default in defaults.items():
+        dest = name if name.startswith("router_") else f"router_{name}"
+        if getattr(args, dest) != default:
+            flag = "--" + dest.replace("_", "-")
+            raise ValueError(f"{flag} routes over data-parallel replicas; it needs -dp > 1.")
 
 
 def _load_chat_template(value: str | None) -> str | None:

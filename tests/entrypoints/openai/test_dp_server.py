@@ -113,3 +113,18 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.parametrize(
+    "argv", [["--router-policy", "round_robin"], ["--router-balance-abs-threshold", "8"]]
+)
+def test_routing_flags_need_replicas(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from pagedllm.entrypoints.cli import main
+
+    assert main(["serve", *argv]) == 1
+    assert (
+        f"{argv[0]} routes over data-parallel replicas; it needs -dp > 1."
+        in capsys.readouterr().err
+    )
+    assert main(["serve", "-dp", "2", "--router-cache-threshold", "1.5"]) == 1
+    assert "cache_threshold must be in [0, 1], got 1.5" in capsys.readouterr().err
