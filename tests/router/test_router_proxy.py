@@ -85,7 +85,7 @@ def router(workers: list[ServerProc], logs: Path) -> Iterator[str]:
         "--health-check-interval",
         "0.3",
         "--health-check-timeout",
-        "0.5",
+        "1.0",
     ]
     proc, url = start_router(*args, log=logs / "r.log")
     yield url
