@@ -3,10 +3,9 @@
 
 Run: ``python -m pytest -q -p no:cacheprovider -m gpu tests/layers/quantization/test_fp8_gpu.py``
 
-fp8 products are exact in the float32 accumulator, so the GPU differs from the reference only by
-summation order and the output dtype's rounding: float32 outputs agree to ~1e-5 (relative),
-bfloat16 / float16 outputs to their rounding (2^-8 / 2^-11) plus the reference's own rounding of
-the dequantized operands in that dtype.
+fp8 products are exact, so the GPU differs from the reference by summation (order, and the
+tensor cores' accumulator precision) and the output dtype's rounding (2^-8 / 2^-11 for bfloat16 /
+float16, plus the reference's own rounding of the dequantized operands in that dtype).
 """
 
 from __future__ import annotations
@@ -35,8 +34,10 @@ SHAPES = [
     (257, 5120, 7168),
     (1, 13824, 5120),
 ]
-# dtype -> relative tolerance of the output (its rounding, twice: reference and GPU).
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# dtype -> relative tolerance of the output: its rounding, in the reference and on the GPU, and
+# for float32 Hopper's fp8 tensor-core accumulation (partial sums of limited precision, promoted
+# to float32 by cuBLASLt). A wrong scale axis or layout is off by O(1).
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 4e-3}
 
 
 def _operands(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
