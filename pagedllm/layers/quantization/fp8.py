@@ -111,8 +111,8 @@ class Fp8Config(QuantizationConfig):
 
 
 def _matches(name: str, entry: str) -> bool:
-    """An ``ignored_layers`` entry names a module, or a suffix of its dotted name."""
-    return name == entry or name.endswith("." + entry)
+    """An ``ignored_layers`` entry names a module, a suffix of its dotted name, or a parent."""
+    return name == entry or name.endswith("." + entry) or name.startswith(entry + ".")
 
 
 class Fp8LinearMethod(LinearMethodBase):

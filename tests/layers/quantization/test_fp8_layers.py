@@ -173,6 +173,10 @@ def test_config_errors_and_ignored_layers() -> None:
     )
     assert cfg.is_ignored("model.layers.0.mlp.down_proj")
     assert not cfg.is_ignored("model.layers.1.mlp.down_proj")
+    section = {"quant_method": "fp8", "modules_to_not_convert": ["model.layers.1"]}
+    parent = Fp8Config.from_config(section)  # a parent module covers its children
+    assert parent.is_ignored("model.layers.1.mlp.down_proj")
+    assert not parent.is_ignored("model.layers.11.mlp.down_proj")
     down = RowParallelLinear(32, 16, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
     assert down.weight.dtype == torch.get_default_dtype()  # left dense
     attn = "model.layers.0.self_attn"
