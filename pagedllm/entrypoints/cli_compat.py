@@ -47,7 +47,6 @@ UNSUPPORTED_VLLM_FLAGS: dict[str, str] = {
     "--runner": "only text generation is implemented (no pooling or embedding models)",
     "--compilation-config": "torch.compile is not used; CUDA graphs follow --enforce-eager",
     "-O": "torch.compile is not used; CUDA graphs follow --enforce-eager",
-    "--distributed-executor-backend": "one engine process, no Ray or multiprocessing workers",
     "--enable-expert-parallel": "mixture-of-experts models are not implemented",
     "--disable-sliding-window": "models with a sliding window are capped at the window instead",
     "--logits-processors": "custom logits processors are not loaded from flags",
