@@ -23,7 +23,7 @@ from typing import Any
 from pagedllm.config.cli_args import engine_kwargs_from_args
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-PRESETS: tuple[str, ...] = ("llama-3-8b", "qwen3-0.6b", "qwen2.5-7b")
+PRESETS: tuple[str, ...] = ("llama-3-8b", "qwen3-0.6b", "qwen2.5-7b", "llama-3-70b")
 # Name of the marker file that says a directory's tokenizer is synthetic (see module doc).
 SYNTHETIC_MARKER = "pagedllm_synthetic_tokenizer"
 TOKENIZER_SUBDIR = "tokenizer"

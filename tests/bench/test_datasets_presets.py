@@ -103,6 +103,7 @@ _EXPECTED = {
     "llama-3-8b": (32, 8, 128, 4096, 128256),
     "qwen3-0.6b": (28, 8, 128, 1024, 151936),
     "qwen2.5-7b": (28, 4, 128, 3584, 152064),
+    "llama-3-70b": (80, 8, 128, 8192, 128256),
 }
 
 
@@ -135,6 +136,23 @@ def test_qwen25_preset_numbers() -> None:
         32768,
     )
     assert (mc.rope_theta, mc.rms_norm_eps, mc.tie_word_embeddings) == (1e6, 1e-6, False)
+
+
+def test_llama3_70b_preset_numbers() -> None:
+    """Llama-3.1-70B's architecture (issue 16): 64 heads, Llama-3 rope scaling to 128k."""
+    cfg = EngineConfig(
+        model=str(preset_dir("llama-3-70b")), load_format="dummy", max_model_len=32768
+    )
+    mc = cfg.model_config.arch
+    assert mc.architecture == "LlamaForCausalLM"
+    assert (mc.intermediate_size, mc.num_attention_heads, mc.max_position_embeddings) == (
+        28672,
+        64,
+        131072,
+    )
+    assert mc.rope_theta == 500000.0
+    assert mc.rope_scaling is not None and mc.rope_scaling["rope_type"] == "llama3"
+    assert mc.rope_scaling["factor"] == 8.0
 
 
 def test_materialized_preset_has_synthetic_tokenizer(tmp_path: Path) -> None:
