@@ -2,8 +2,10 @@
 
 Tensor parallelism splits one model over ``tensor_parallel_size`` ranks: rank 0 stays in the
 engine's process, ranks 1..N-1 are worker processes started by the executor
-(``pagedllm/executor/``). Data-parallel replicas are separate engines; until they are wired in,
-``data_parallel_size`` other than 1 is refused up front rather than silently ignored.
+(``pagedllm/executor/``). Data-parallel replicas are separate engine processes that only
+``pagedllm serve`` starts (it takes ``data_parallel_size`` out before building each engine's
+config), so an engine config with ``data_parallel_size`` other than 1 is refused rather than
+silently run as one replica.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class ParallelConfig:
     data_parallel_size: int = field(
         default=1,
         metadata={
-            "help": "engine replicas serving requests side by side (only 1 is supported yet)",
+            "help": "engine replicas behind one server (pagedllm serve only: one engine "
+            "process each, on its own GPUs, routed by --router-policy)",
             "aliases": ["-dp"],
         },
     )
@@ -49,8 +52,9 @@ class ParallelConfig:
             check_at_least(self, name, 1)
         if self.data_parallel_size != 1:
             raise config_error(
-                f"data_parallel_size={self.data_parallel_size} is not supported yet: pagedllm "
-                "runs one engine replica; use data_parallel_size=1."
+                f"data_parallel_size={self.data_parallel_size}: data parallelism is a "
+                "pagedllm serve option (-dp N engine processes behind one server); LLM, "
+                "generate and bench run one engine."
             )
         if self.distributed_executor_backend is None:
             self.distributed_executor_backend = "uni" if self.tensor_parallel_size == 1 else "mp"

@@ -185,7 +185,9 @@ def test_tensor_parallel_is_a_clear_error(
     err = capsys.readouterr().err
     assert "error: Invalid EngineConfig: tensor_parallel_size=3 does not divide" in err
     assert main(["generate", arch_dir, "hi", "--device", "cpu", "-dp", "2"]) == 1
-    assert "data_parallel_size=2 is not supported yet" in capsys.readouterr().err
+    assert "data_parallel_size=2: data parallelism is a pagedllm serve option" in (
+        capsys.readouterr().err
+    )
 
 
 def test_serve_takes_tokenizer_and_enforce_eager_once() -> None:

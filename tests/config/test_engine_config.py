@@ -185,7 +185,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
             "distributed_executor_backend='uni' runs one rank",
         ),
         ({"distributed_executor_backend": "ray"}, "distributed_executor_backend must be one of"),
-        ({"data_parallel_size": 4}, "data_parallel_size=4 is not supported yet"),
+        ({"data_parallel_size": 4}, "data_parallel_size=4: data parallelism is a pagedllm serve"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be >= 1, got 0"),
         pytest.param({"device": "cuda"}, "device='cuda' but no CUDA GPU", marks=NO_GPU),
     ],
@@ -210,7 +210,7 @@ def test_groups_check_their_own_fields() -> None:
         CacheConfig(block_size=12)
     with pytest.raises(ValueError, match="scheduling_policy"):
         SchedulerConfig(scheduling_policy="lifo")
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="a pagedllm serve option"):
         ParallelConfig(data_parallel_size=8)
     assert SchedulerConfig().max_num_batched_tokens is None  # resolved by EngineConfig
 
