@@ -46,6 +46,10 @@ class ArchitectureConfig:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"Model directory {path} has no config.json.")
         raw = json.loads(cfg_file.read_text())
+        if isinstance(raw.get("text_config"), dict) and "num_attention_heads" not in raw:
+            # A vision-language model in transformers 5's layout: the language model's numbers
+            # are in text_config (hub checkpoints have them at the top level).
+            raw = {**raw["text_config"], **{k: v for k, v in raw.items() if k != "text_config"}}
         archs = raw.get("architectures") or []
         if not archs:
             raise ValueError(f"{cfg_file} lists no 'architectures'.")

@@ -6,8 +6,11 @@ they depend on other groups: ``max_num_batched_tokens`` (unset: see
 ``default_max_num_batched_tokens``, which needs ``max_model_len``) and ``async_scheduling``
 (unset: on for CUDA, off for CPU).
 
-Requests with images add the encoder's share of a step (``encoder_token_budget``), which the
-scheduler enforces and the input processor checks each image against.
+Requests with images add two kinds of limits here: the encoder's share of a step
+(``max_num_encoder_tokens``, resolved by ``encoder_token_budget``; the scheduler enforces it
+and the input processor checks each image against it) and what one request may bring
+(``limit_mm_per_prompt``, ``allowed_local_media_path``, checked by the input processor before
+anything is queued).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def default_max_num_batched_tokens(
     return max(max_model_len, max_num_seqs)
 
 
-# The encoder budget per step is the step's token budget, but never below this: Qwen2-VL's
+# Unset max_num_encoder_tokens: the step's token budget, but never below this: Qwen2-VL's
 # image processor makes at most 16384 embeddings of an image (its default max_pixels), so any
 # image it accepts can be encoded.
 MIN_DEFAULT_ENCODER_TOKENS = 16384
@@ -46,6 +49,8 @@ MIN_DEFAULT_ENCODER_TOKENS = 16384
 
 def encoder_token_budget(config: SchedulerConfig) -> int:
     """Image embeddings (vision-encoder output tokens) one step may compute."""
+    if config.max_num_encoder_tokens is not None:
+        return config.max_num_encoder_tokens
     assert config.max_num_batched_tokens is not None
     return max(config.max_num_batched_tokens, MIN_DEFAULT_ENCODER_TOKENS)
 
@@ -86,7 +91,35 @@ class SchedulerConfig:
         },
     )
 
+    max_num_encoder_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "most image embeddings (vision-encoder output tokens) computed in one step; "
+            "a prompt chunk that would need more stops before the image",
+            "default_help": f"max_num_batched_tokens, at least {MIN_DEFAULT_ENCODER_TOKENS}",
+        },
+    )
+    limit_mm_per_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "most items per prompt by modality, as JSON, e.g. '{\"image\": 2}'",
+            "default_help": "no limit beyond max_model_len",
+        },
+    )
+    allowed_local_media_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory whose files requests may name as file:// image URLs",
+            "default_help": "file:// URLs refused",
+        },
+    )
+
     def __post_init__(self) -> None:
         check_at_least(self, "max_num_seqs", 1)
+        check_at_least(self, "max_num_encoder_tokens", 1)
+        if self.limit_mm_per_prompt is not None:
+            from pagedllm.multimodal.processor import parse_limit_mm_per_prompt
+
+            parse_limit_mm_per_prompt(self.limit_mm_per_prompt)  # ValueError if malformed
         check_choice(self, "scheduling_policy")
         check_at_least(self, "max_num_batched_tokens", 1)

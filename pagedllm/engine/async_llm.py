@@ -49,7 +49,7 @@ from pagedllm.engine.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
-from pagedllm.engine.input_processing import InputProcessor
+from pagedllm.engine.input_processing import InputProcessor, PromptInput
 from pagedllm.engine.messages import (
     AbortRequests,
     AddRequest,
@@ -197,7 +197,7 @@ class AsyncLLM:
     # ---- requests --------------------------------------------------------------------------
     async def generate(
         self,
-        prompt: str | list[int],
+        prompt: PromptInput,
         params: SamplingParams,
         request_id: str,
         *,
@@ -222,7 +222,8 @@ class AsyncLLM:
         check_timeout("request_timeout_s", request_timeout_s)
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        prompt_ids = self.input_processor.process(prompt, params, priority).prompt_token_ids
+        inp = self.input_processor.process(prompt, params, priority)
+        prompt_ids = inp.prompt_token_ids
         self._check_queue()
         replica = self._route(prompt_ids, live)
         replica.num_sent += 1
@@ -235,7 +236,10 @@ class AsyncLLM:
         finished = False
         try:
             self._send(
-                replica, AddRequest(engine_id, prompt_ids, params, time.monotonic(), priority)
+                replica,
+                AddRequest(
+                    engine_id, prompt_ids, params, time.monotonic(), priority, inp.mm_features
+                ),
             )
             while not finished:
                 out = await stream.next_output()

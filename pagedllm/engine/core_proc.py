@@ -94,9 +94,12 @@ class EngineCore:
     def add(self, msg: AddRequest) -> RequestError | None:
         self.requests_received += 1
         try:
+            prompt: list[int] | dict[str, Any] = msg.prompt_token_ids
+            if msg.mm_features:
+                prompt = {"prompt_token_ids": msg.prompt_token_ids, "mm_features": msg.mm_features}
             self.engine.add_request(
                 msg.request_id,
-                msg.prompt_token_ids,
+                prompt,
                 msg.params,
                 arrival_time=msg.arrival_time,
                 priority=msg.priority,

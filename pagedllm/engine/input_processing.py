@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedllm.config import EngineConfig
 from pagedllm.config.scheduler import encoder_token_budget
 from pagedllm.core.scheduler_output import MultiModalFeature
-from pagedllm.multimodal.processor import ImageProcessor, is_multimodal
+from pagedllm.multimodal.processor import ImageProcessor, is_multimodal, parse_limit_mm_per_prompt
 from pagedllm.sampling_params import SamplingParams
 
 # What a prompt can be: text, token ids, or a dict with either and optional images.
@@ -76,9 +76,13 @@ class InputProcessor:
         raw = config.model_config.arch.raw
         if is_multimodal(raw):
             assert config.model_config.model is not None
-            # --limit-mm-per-prompt and --allowed-local-media-path are not engine flags yet:
-            # no count limit beyond max_model_len, file:// URLs refused.
-            self.images = ImageProcessor(config.model_config.model, raw)
+            limits = parse_limit_mm_per_prompt(sched.limit_mm_per_prompt)
+            self.images = ImageProcessor(
+                config.model_config.model,
+                raw,
+                limits.get("image"),
+                sched.allowed_local_media_path,
+            )
 
     def process(
         self, prompt: PromptInput, params: SamplingParams, priority: int = 0
@@ -129,7 +133,8 @@ class InputProcessor:
             if f.length > self.max_encoder_tokens:
                 raise ValueError(
                     f"Image {i} needs {f.length} encoder tokens, more than "
-                    f"max_num_encoder_tokens ({self.max_encoder_tokens}); send a smaller image."
+                    f"max_num_encoder_tokens ({self.max_encoder_tokens}); send a smaller image "
+                    "or raise --max-num-encoder-tokens."
                 )
         return self.images.expand(prompt_ids, features), features
 

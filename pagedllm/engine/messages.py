@@ -11,8 +11,9 @@ of that step plus the engine stats), ``Heartbeat`` while it is idle (so that sil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pagedllm.core.scheduler_output import MultiModalFeature
 from pagedllm.engine.stats import EngineStats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -26,6 +27,8 @@ class AddRequest:
     params: SamplingParams
     arrival_time: float
     priority: int = 0
+    # Processed images of a multimodal prompt (their placeholders already expanded).
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
 
 
 @dataclass

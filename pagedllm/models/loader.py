@@ -82,7 +82,9 @@ def load_weights(
 ) -> None:
     """Hand every checkpoint tensor to its parameter's ``weight_loader``; check none is missing.
 
-    Skips ``rotary_emb.inv_freq`` buffers and, for tied embeddings, ``lm_head.weight``.
+    Skips ``rotary_emb.inv_freq`` buffers and, for tied embeddings, ``lm_head.weight``. A model
+    whose checkpoints come in more than one naming layout says how to read them with a
+    ``checkpoint_name(name) -> name`` static method (Qwen2-VL: transformers 5's layout).
     KV-cache scales (``models/kv_scales.py``) go to the attention layers when ``kv_scales``
     (an fp8 KV cache) and are skipped with a log line otherwise.
     """
@@ -91,7 +93,10 @@ def load_weights(
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     scales = KVScaleCollector(model, kv_scales)
     seen: set[str] = set()
+    rename = getattr(model, "checkpoint_name", None)
     for name, tensor in weights:
+        if rename is not None:
+            name = rename(name)
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
         if scales.offer(name, tensor):

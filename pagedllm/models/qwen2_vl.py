@@ -16,7 +16,8 @@ Image embeddings come from :class:`Qwen2VisionTransformer` (``encode_images``), 
 runner when a prompt span with image tokens is scheduled; ``forward`` takes the rows of the
 step's batch that are image tokens and their embeddings and overwrites those rows of the token
 embeddings. Parameter names follow the hub checkpoints (``model.layers.*``, ``visual.*``,
-``lm_head``).
+``lm_head``); transformers 5's layout (``model.language_model.*``, ``model.visual.*``) is read
+through ``checkpoint_name``.
 """
 
 from __future__ import annotations
@@ -231,6 +232,15 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         )
         if cfg.tie_word_embeddings:
             self.lm_head.tie_weights(self.model.embed_tokens)
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str:
+        """A checkpoint tensor's name in the hub layout this model's parameters use."""
+        if name.startswith("model.language_model."):
+            return "model." + name[len("model.language_model.") :]
+        if name.startswith("model.visual."):
+            return name[len("model.") :]
+        return name
 
     @staticmethod
     def build_vision(vcfg: dict[str, Any], out_dim: int) -> nn.Module:

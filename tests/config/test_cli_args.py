@@ -33,7 +33,8 @@ FLAGS = shlex.split(
     "--max-num-seqs 8 --max-num-batched-tokens 300 --scheduling-policy priority "
     "--no-enable-chunked-prefill --async-scheduling --attention-backend torch_native "
     "--enforce-eager -tp 1 --data-parallel-size 1 --distributed-executor-backend mp "
-    "--kv-cache-dtype auto"
+    "--kv-cache-dtype auto --max-num-encoder-tokens 64 --limit-mm-per-prompt '{\"image\": 2}' "
+    "--allowed-local-media-path /nonexistent/media"
 )
 EXPECTED: dict[str, Any] = {
     "device": "cpu",
@@ -55,6 +56,9 @@ EXPECTED: dict[str, Any] = {
     "enable_prefix_caching": False,
     "max_num_seqs": 8,
     "max_num_batched_tokens": 300,
+    "max_num_encoder_tokens": 64,
+    "limit_mm_per_prompt": '{"image": 2}',
+    "allowed_local_media_path": "/nonexistent/media",
     "scheduling_policy": "priority",
     "enable_chunked_prefill": False,
     "async_scheduling": True,

@@ -114,10 +114,7 @@ def test_vision_tower_equals_transformers(any_vl_dir: Path) -> None:
 def test_small_encoder_budget(vl_dir: Path) -> None:
     # 12 encoder tokens per step: the batch's images (6, 2 + 6, 1, 12 tokens) take several
     # steps, and prompt spans stop before the images that do not fit.
-    # (The budget is not an engine flag yet: set where the scheduler and the checks read it.)
-    llm = LLM(str(vl_dir), max_model_len=256)
-    llm.llm_engine.scheduler.max_num_encoder_tokens = 12
-    llm.llm_engine.input_processor.max_encoder_tokens = 12
+    llm = LLM(str(vl_dir), max_model_len=256, max_num_encoder_tokens=12)
     _check(llm, vl_dir, CASES)
     with pytest.raises(ValueError, match="max_num_encoder_tokens"):
         llm.generate(_prompt(_chat(IMG), [make_image(112, 112, 9)]), _greedy(), use_tqdm=False)
@@ -175,10 +172,7 @@ def test_chat_with_image_parts(vl_dir: Path) -> None:
 
 
 def test_bad_inputs_are_value_errors(vl_dir: Path, llama_dir: Path) -> None:
-    llm = LLM(str(vl_dir), max_model_len=256)
-    images = llm.llm_engine.input_processor.images
-    assert images is not None
-    images.max_images = 1  # what --limit-mm-per-prompt '{"image": 1}' is to set
+    llm = LLM(str(vl_dir), max_model_len=256, limit_mm_per_prompt='{"image": 1}')
     img = make_image(28, 28, 0)
     cases = [
         (_prompt(_chat(f"{IMG} {IMG}"), [img]), "2 image placeholders"),
@@ -202,10 +196,7 @@ def test_local_files_only_inside_the_allowed_directory(vl_dir: Path, tmp_path: P
     inside = tmp_path / "media" / "a.png"
     inside.parent.mkdir()
     img.save(inside)
-    llm = LLM(str(vl_dir), max_model_len=256)
-    images = llm.llm_engine.input_processor.images
-    assert images is not None
-    images.allowed_local_media_path = str(inside.parent)  # --allowed-local-media-path
+    llm = LLM(str(vl_dir), max_model_len=256, allowed_local_media_path=str(inside.parent))
     out = llm.generate(_prompt(_chat(IMG), [inside.as_uri()]), _greedy(), use_tqdm=False)[0]
     ids, new = _expect(vl_dir, _chat(IMG), [img])
     assert out.prompt_token_ids == ids and list(out.outputs[0].token_ids) == new
@@ -228,3 +219,11 @@ def test_n2_siblings_share_the_image(vl_dir: Path) -> None:
     out = llm.generate(_prompt(text, [img]), params, use_tqdm=False)[0]
     assert out.prompt_token_ids == ids
     assert [list(c.token_ids) for c in out.outputs] == [new, new]
+
+
+def test_transformers_5_layout(tmp_path: Path, vl_dir: Path) -> None:
+    """Nested text_config and model.language_model.* / model.visual.* tensor names load to
+    the same model as the hub layout."""
+    v5 = build_tiny_vl_model(tmp_path / "v5", layout="v5")
+    llm = LLM(str(v5), max_model_len=256)
+    _check(llm, vl_dir, CASES[:3])  # same weights (same seed): the hub model's reference
