@@ -134,6 +134,9 @@ def test_worker_death_is_named_and_nothing_is_left(llama_dir: Path) -> None:
     assert _tokens(llm, [[5, 6, 7]], GREEDY)
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(5)
+    deadline = time.monotonic() + 10
+    while executor.health.failure is None and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)  # the monitor thread sees the sentinel
     with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid \d+\) exited unexpectedly"):
         _tokens(llm, [[5, 6, 7, 8]], GREEDY)
     llm.llm_engine.shutdown()
