@@ -21,8 +21,10 @@ Sharded layouts (rank r of p, with tp_size = p):
 * row-parallel: rank r holds input columns ``[r * K/p, (r+1) * K/p)``; partial outputs are
   all-reduced (summed) across ranks and the bias is added once, by rank 0.
 
-Quantized (GPTQ / AWQ) sharded layers work at p = 1 only: at p > 1 construction raises
-``NotImplementedError`` (their group-indexed tensors are not cut per rank yet).
+Quantization methods say whether they can be cut (``supports_tensor_parallel``): dense and
+fp8 weights can (fp8 per-row scales follow their rows); GPTQ / AWQ sharded layers work at
+p = 1 only: at p > 1 construction raises ``NotImplementedError`` (their group-indexed
+tensors are not cut per rank yet).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from torch import nn
 from pagedllm.distributed import get_tp_group, get_tp_rank, get_tp_size
 from pagedllm.layers.quantization import (
     QuantizationConfig,
-    UnquantizedLinearMethod,
     get_linear_method,
 )
 from pagedllm.layers.tensor_parallel import divide
@@ -71,11 +72,11 @@ class LinearBase(nn.Module):
 
     def _refuse_sharded_quantization(self) -> None:
         """Quantized weights are only cut per rank at tp_size 1 (module docstring)."""
-        if self.tp_size > 1 and not isinstance(self.quant_method, UnquantizedLinearMethod):
+        if self.tp_size > 1 and not self.quant_method.supports_tensor_parallel:
             raise NotImplementedError(
                 f"{self.prefix or type(self).__name__}: {type(self.quant_method).__name__} "
                 f"weights cannot be sharded over tensor_parallel_size={self.tp_size} yet; "
-                "quantized checkpoints run with tensor_parallel_size=1"
+                "run this checkpoint with tensor_parallel_size=1"
             )
 
     def _create(self, input_per_partition: int, output_partition_sizes: list[int]) -> None:

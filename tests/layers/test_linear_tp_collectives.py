@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from pagedllm.distributed import TensorParallelGroup, parallel_state
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pagedllm.layers.quantization.fp8 import Fp8Config
 from tests.distributed.tp_harness import spawn_ranks
 
 
@@ -58,6 +59,65 @@ def _layers_match_unsharded(rank: int, world_size: int) -> None:
 
 def test_sharded_layers_on_two_ranks(tmp_path: Path) -> None:
     spawn_ranks(_layers_match_unsharded, 2, tmp_path)
+
+
+def _fp8(x: torch.Tensor, w: torch.Tensor, round_w: bool = True) -> torch.Tensor:
+    """One rank's share in fp8, written out: per-token activation and (``round_w``: a weight
+    quantized at load) per-row weight scales (amax / 448), values rounded to e4m3, then a
+    dense product of the dequantized values."""
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        scale = (t.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=1 / (448.0 * 512))
+        return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+
+    return F.linear(rounded(x), rounded(w) if round_w else w)
+
+
+def _fp8_layers_on_ranks(rank: int, world_size: int) -> None:
+    """fp8 quantized at load (``--quantization fp8``) over the ranks: a column-parallel layer
+    computes exactly what one rank does (whole rows, whole tokens); a row-parallel one sums
+    each rank's fp8 product of its slice (its own activation and weight scales)."""
+    cfg = Fp8Config(is_checkpoint_fp8=False)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 16, generator=gen) * torch.logspace(-2, 1, 16)
+    col = ColumnParallelLinear(16, 6, bias=False, quant_config=cfg, gather_output=True)
+    wc = torch.randn(6, 16, generator=gen)
+    _load(col.weight, wc)
+    col.quant_method.process_weights_after_loading(col)
+    torch.testing.assert_close(col(x), _fp8(x, wc), rtol=1e-6, atol=1e-6)
+
+    row = RowParallelLinear(16, 3, bias=False, quant_config=cfg)
+    w = torch.randn(3, 16, generator=gen)
+    _load(row.weight, w)
+    row.quant_method.process_weights_after_loading(row)
+    k = 16 // world_size
+    parts = [_fp8(x[:, r * k : (r + 1) * k], w[:, r * k : (r + 1) * k]) for r in range(world_size)]
+    got = row(x[:, rank * k : (rank + 1) * k])
+    torch.testing.assert_close(got, sum(parts), rtol=1e-5, atol=1e-5)
+    assert (got - F.linear(x, w)).abs().max() < 0.1 * F.linear(x, w).abs().max()
+
+    # An fp8 checkpoint: e4m3 weights with per-channel scales, cut like dense ones (a
+    # row-parallel layer keeps every row's scale).
+    ckpt = Fp8Config(is_checkpoint_fp8=True)
+    wq = (torch.randn(6, 16, generator=gen) * 100).to(torch.float8_e4m3fn)
+    scale = torch.rand(6, generator=gen) + 0.01
+    dense = wq.float() * scale[:, None]
+    col8 = ColumnParallelLinear(16, 6, bias=False, quant_config=ckpt, gather_output=True)
+    row8 = RowParallelLinear(16, 6, bias=False, quant_config=ckpt)
+    for layer in (col8, row8):
+        _load(layer.weight, wq)
+        _load(layer.weight_scale, scale)
+        layer.quant_method.process_weights_after_loading(layer)
+    torch.testing.assert_close(col8(x), _fp8(x, dense, False), rtol=1e-5, atol=1e-4)
+    want = sum(
+        _fp8(x[:, r * k : (r + 1) * k], dense[:, r * k : (r + 1) * k], False)
+        for r in range(world_size)
+    )
+    torch.testing.assert_close(row8(x[:, rank * k : (rank + 1) * k]), want, rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_layers_on_two_ranks(tmp_path: Path) -> None:
+    spawn_ranks(_fp8_layers_on_ranks, 2, tmp_path)
 
 
 def test_fewer_kv_heads_than_ranks_replicate(monkeypatch: pytest.MonkeyPatch) -> None:

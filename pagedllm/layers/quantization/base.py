@@ -22,6 +22,11 @@ from torch import nn
 class LinearMethodBase(ABC):
     """How one linear layer stores its weights and computes ``y = x W^T (+ bias)``."""
 
+    # Whether the layers' shard-aware loaders may cut this method's parameters per tensor-
+    # parallel rank (their layout attributes say how); a method that has not been checked
+    # at tensor_parallel_size > 1 is refused there by name.
+    supports_tensor_parallel = False
+
     @abstractmethod
     def create_weights(
         self,

@@ -116,7 +116,14 @@ def _matches(name: str, entry: str) -> bool:
 
 
 class Fp8LinearMethod(LinearMethodBase):
-    """fp8 weights with per-output-channel scales; activations quantized per token or static."""
+    """fp8 weights with per-output-channel scales; activations quantized per token or static.
+
+    Tensor parallelism: the weight and its per-row scales are cut like dense ones; a
+    row-parallel layer quantizes its slice of each token's activations with that slice's own
+    scale (as vLLM does), so TP > 1 rounds activations a little differently from one rank.
+    """
+
+    supports_tensor_parallel = True
 
     def __init__(self, config: Fp8Config) -> None:
         self.config = config

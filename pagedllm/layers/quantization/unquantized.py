@@ -22,6 +22,8 @@ from pagedllm.layers.weight_utils import set_weight_attrs
 class UnquantizedLinearMethod(LinearMethodBase):
     """Dense weights in the model dtype; ``F.linear``, or the skinny GEMM for few rows."""
 
+    supports_tensor_parallel = True
+
     def create_weights(
         self,
         layer: nn.Module,
