@@ -14,8 +14,59 @@ from typing import Any
 
 import torch
 
-# (N, K) -> [(largest M, config)], ascending M; filled from benchmarks/int4_sweep.py results.
-MEASURED: dict[tuple[int, int], list[tuple[int, dict[str, Any]]]] = {}
+DEQUANT: dict[str, Any] = {"KERNEL": "dequant"}
+
+
+def _dot(  # type: ignore[no-untyped-def]
+    bm, bn, bk, split, swap, warps=4, stages=3, reduce="serial"
+) -> dict[str, Any]:
+    return {
+        "KERNEL": "dot", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+        "REDUCE": reduce, "SWAP_AB": swap, "num_warps": warps, "num_stages": stages,
+    }  # fmt: skip
+
+
+# (N, K) -> [(largest M, config)], ascending M; None: heuristic_config. From
+# benchmarks/int4_sweep.py on an H200 (fp16, Qwen2.5-14B's shapes, group 128), run of
+# 2026-11-30 07:03 UTC at commit 6e57bc2 (docs/benchmarks.md, fourth run):
+# only its M >= 16 winners (tensor-core tiles, dequantize + cuBLAS; those kernels have not
+# changed since). The GEMV was rewritten after that run, so M <= 8 stays heuristic until a
+# sweep of it: `python benchmarks/int4_sweep.py --emit-table OUT.json` prints this table.
+# (qkv at M=64: the two-pass reduction, 4% slower than the atomic one, whose order varies.)
+MEASURED: dict[tuple[int, int], list[tuple[int, dict[str, Any] | None]]] = {
+    (5120, 5120): [
+        (8, None),
+        (16, _dot(16, 128, 128, 8, True)),
+        (32, _dot(32, 128, 128, 8, True)),
+        (64, _dot(64, 64, 128, 4, True)),
+        (128, DEQUANT),
+        (256, DEQUANT),
+    ],
+    (5120, 13824): [
+        (8, None),
+        (16, _dot(16, 128, 128, 8, True)),
+        (32, _dot(32, 128, 128, 8, True)),
+        (64, _dot(64, 64, 128, 4, True)),
+        (128, DEQUANT),
+        (256, DEQUANT),
+    ],
+    (7168, 5120): [
+        (8, None),
+        (16, _dot(16, 128, 128, 8, True)),
+        (32, _dot(32, 64, 128, 4, True)),
+        (64, _dot(64, 128, 64, 4, False, reduce="twopass")),
+        (128, DEQUANT),
+        (256, DEQUANT),
+    ],
+    (27648, 5120): [
+        (8, None),
+        (16, _dot(16, 128, 128, 2, True)),
+        (32, _dot(32, 128, 128, 1, True)),
+        (64, _dot(64, 128, 128, 1, True)),
+        (128, _dot(128, 128, 64, 1, False, warps=8)),
+        (256, DEQUANT),
+    ],
+}
 
 GEMV_MAX_ROWS = 8
 
@@ -70,12 +121,11 @@ def pick_config(
     m: int, n: int, k: int, group_size: int, bits: int, device: torch.device
 ) -> dict[str, Any]:
     """The measured configuration of the first M bucket holding ``m`` (the last bucket for
-    larger M), else :func:`heuristic_config`. ``group_size`` only constrains the K block,
-    which the launchers fit to it."""
+    larger M), else (no bucket, or a None one) :func:`heuristic_config`. ``group_size``
+    only constrains the K block, which the launchers fit to it."""
     buckets = MEASURED.get((n, k)) if bits == 4 else None
     if buckets:
-        for max_m, cfg in buckets:
-            if m <= max_m:
-                return cfg
-        return buckets[-1][1]
+        cfg = next((c for max_m, c in buckets if m <= max_m), buckets[-1][1])
+        if cfg is not None:
+            return cfg
     return heuristic_config(m, n, k, bits, device)

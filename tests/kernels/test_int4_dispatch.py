@@ -54,3 +54,21 @@ def test_measured_buckets_win_over_the_heuristic(monkeypatch: pytest.MonkeyPatch
     # Another shape, or 8-bit weights of this one, fall back to the heuristic.
     assert pick_config(1, 5120, 5120, 128, 4, CPU) == heuristic_config(1, 5120, 5120, 4, CPU)
     assert pick_config(1, 7168, 5120, 128, 8, CPU) == heuristic_config(1, 7168, 5120, 8, CPU)
+
+
+def test_a_none_bucket_defers_to_the_heuristic(monkeypatch: pytest.MonkeyPatch) -> None:
+    mid = {"KERNEL": "dot", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}
+    monkeypatch.setattr(int4_dispatch, "MEASURED", {(7168, 5120): [(8, None), (16, mid)]})
+    assert pick_config(8, 7168, 5120, 128, 4, CPU) == heuristic_config(8, 7168, 5120, 4, CPU)
+    assert pick_config(9, 7168, 5120, 128, 4, CPU) is mid
+
+
+def test_the_measured_table_is_well_formed() -> None:
+    """Ascending M buckets, each a config of a known kernel (or None: the heuristic)."""
+    for (n, k), buckets in int4_dispatch.MEASURED.items():
+        ms = [m for m, _ in buckets]
+        assert ms == sorted(ms) and len(set(ms)) == len(ms), (n, k)
+        for _, cfg in buckets:
+            assert cfg is None or cfg["KERNEL"] in ("gemv", "dot", "dequant"), (n, k)
+            if cfg is not None and cfg["KERNEL"] != "dequant":
+                assert cfg["REDUCE"] != "atomic" or cfg["SPLIT_K"] == 1  # deterministic sums
