@@ -54,14 +54,17 @@ def split_k_epilogue(
             tl.debug_barrier()  # every thread's partials are written before the release
             done = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
             if done == split_k - 1:
+                # Eight slices per round trip to L2 (a loop of one would wait split_k
+                # latencies in a row), added in slice order all the same.
                 total = tl.zeros_like(acc)
-                for s in range(split_k):
-                    total += tl.load(
-                        part_ptr + s * slice_size + part_offs,
-                        mask=mask,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                for s0 in range(0, split_k, 8):
+                    for j in tl.static_range(8):
+                        total += tl.load(
+                            part_ptr + (s0 + j) * slice_size + part_offs,
+                            mask=mask & (s0 + j < split_k),
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
                 if HAS_BIAS:
                     total += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
@@ -75,8 +78,11 @@ def _reduce_kernel(
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(split_k):
-        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+    for s0 in range(0, split_k, 8):
+        for j in tl.static_range(8):
+            acc += tl.load(
+                part_ptr + (s0 + j) * total + offs, mask=ok & (s0 + j < split_k), other=0.0
+            )
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % n, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
