@@ -125,16 +125,15 @@ def _gemv_kernel(
         if BLOCK_M > 2:
             acc2 += p2 * s
             acc3 += p3 * s
-    # One [BLOCK_M, BLOCK_N] tile for the epilogue (one tile counter for all its rows).
-    if BLOCK_M == 1:
-        y = tl.sum(acc0, axis=0)[None, :]
-    elif BLOCK_M == 2:
-        y = tl.trans(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)))
-    else:
-        # join() adds a last axis: [n, c, d] holds row 2c + d, as the reshape reads it.
-        y02 = tl.join(tl.sum(acc0, axis=0), tl.sum(acc2, axis=0))
-        y13 = tl.join(tl.sum(acc1, axis=0), tl.sum(acc3, axis=0))
-        y = tl.trans(tl.reshape(tl.join(y02, y13), [BLOCK_N, 4]))
+    # One [BLOCK_M, BLOCK_N] tile for the epilogue (one tile counter for all its rows), put
+    # together by broadcasting (no join / reshape / transpose to get wrong).
+    r = tl.arange(0, BLOCK_M)[:, None]
+    y = tl.where(r == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if BLOCK_M > 1:
+        y = tl.where(r == 1, tl.sum(acc1, axis=0)[None, :], y)
+    if BLOCK_M > 2:
+        y = tl.where(r == 2, tl.sum(acc2, axis=0)[None, :], y)
+        y = tl.where(r == 3, tl.sum(acc3, axis=0)[None, :], y)
     rows = row0 + tl.arange(0, BLOCK_M)
     _epilogue(
         y, rows, cols, m, n, pid_k, pid_m * tl.num_programs(1) + pid_n, tl.num_programs(2),
