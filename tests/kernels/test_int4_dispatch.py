@@ -16,9 +16,19 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("m,block_m", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 4), (8, 4)])
-def test_few_rows_get_the_gemv_with_rows_tiled_by_at_most_four(m: int, block_m: int) -> None:
+def test_few_rows_get_the_gemv_with_rows_tiled_by_at_most_four(
+    m: int, block_m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(int4_dispatch, "GEMV_ENABLED", True)
     cfg = heuristic_config(m, 5120, 5120, 4, CPU)
     assert cfg["KERNEL"] == "gemv" and cfg["BLOCK_M"] == block_m
+
+
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_few_rows_take_tensor_core_tiles_until_the_gemv_is_checked_on_a_gpu(m: int) -> None:
+    assert not int4_dispatch.GEMV_ENABLED  # PAGEDLLM_INT4_GEMV unset
+    cfg = heuristic_config(m, 5120, 5120, 4, CPU)
+    assert cfg["KERNEL"] == "dot" and cfg["BLOCK_M"] == 16
 
 
 @pytest.mark.parametrize(
@@ -31,7 +41,10 @@ def test_more_rows_get_tensor_core_tiles(m: int, block_m: int) -> None:
         assert cfg["SPLIT_K"] == 1
 
 
-def test_k_split_fills_the_grid_but_keeps_two_blocks_per_slice() -> None:
+def test_k_split_fills_the_grid_but_keeps_two_blocks_per_slice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(int4_dispatch, "GEMV_ENABLED", True)
     assert split_for(programs=40, k_blocks=40, target=32) == 1  # already past the target
     assert split_for(programs=10, k_blocks=40, target=80) == 8
     assert split_for(programs=1, k_blocks=8, target=1000) == 4  # 8 blocks: 4 slices of 2
