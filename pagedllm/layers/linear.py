@@ -21,10 +21,10 @@ Sharded layouts (rank r of p, with tp_size = p):
 * row-parallel: rank r holds input columns ``[r * K/p, (r+1) * K/p)``; partial outputs are
   all-reduced (summed) across ranks and the bias is added once, by rank 0.
 
-Quantization methods say whether they can be cut (``supports_tensor_parallel``): dense and
-fp8 weights can (fp8 per-row scales follow their rows); GPTQ / AWQ sharded layers work at
-p = 1 only: at p > 1 construction raises ``NotImplementedError`` (their group-indexed
-tensors are not cut per rank yet).
+Quantization methods say whether they can be cut (``supports_tensor_parallel``): dense, fp8
+(per-row scales follow their rows) and GPTQ / AWQ weights (packed words and group rows
+follow their layout attributes) can; act-order GPTQ with a sharded input (row-parallel)
+raises ``NotImplementedError`` at construction.
 """
 
 from __future__ import annotations

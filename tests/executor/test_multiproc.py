@@ -187,3 +187,14 @@ def test_tp2_in_the_serving_engine_process(llama_dir: Path, prompts: list[list[i
         assert asyncio.run(main()) == want
     finally:
         engine.shutdown()
+
+
+def test_tp2_gptq_checkpoint_greedy_equals_tp1(
+    tmp_path: Path, tiny_tokenizer_dir: Path, prompts: list[list[int]]
+) -> None:
+    """The deployment study's shape of run: a GPTQ checkpoint (GPTQModel's) at -tp 2."""
+    from tests.fixtures.quantized_models import materialize
+
+    model = materialize("gptq-llama-int8-g64", tmp_path / "gptq", tiny_tokenizer_dir)
+    want = _tp_tokens(model, prompts, 1)
+    assert _tp_tokens(model, prompts, 2, async_scheduling=True) == want

@@ -20,10 +20,10 @@ import torch
 from pagedllm.config import EngineConfig
 from pagedllm.distributed import TensorParallelGroup, parallel_state
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
-from pagedllm.layers.quantization.awq import AWQConfig
 from pagedllm.layers.quantization.gptq import GPTQConfig
 from pagedllm.models.loader import load_model
 from tests.distributed.tp_harness import model_logits, save_model_logits, spawn_ranks
+from tests.fixtures.quantized_models import materialize
 
 # The tiny models' logits reach ~100: summing a split contraction in another order moves
 # them by a few fp32 ulps (~1e-5 each); a misplaced shard moves them by whole units.
@@ -33,7 +33,10 @@ ATOL = 3e-4
 def _check_against_tp1(
     tiny_models: Any, tmp_path: Path, world_size: int, arches: list[str]
 ) -> None:
-    cases = {arch: str(tiny_models(arch)) for arch in arches}
+    _check_cases(tmp_path, world_size, {arch: str(tiny_models(arch)) for arch in arches})
+
+
+def _check_cases(tmp_path: Path, world_size: int, cases: dict[str, str]) -> None:
     spawn_ranks(save_model_logits, world_size, tmp_path, cases, str(tmp_path))
     for arch, model_dir in cases.items():
         want = model_logits(Path(model_dir))
@@ -95,11 +98,22 @@ def test_bad_tp_size_names_the_head_counts(
         load_model(config)
 
 
-@pytest.mark.parametrize("quant", [GPTQConfig(4, 32, False, True), AWQConfig(32)])
-def test_quantized_sharded_layers_refuse_tp(fake_tp_size: Any, quant: Any) -> None:
-    for cls in (ColumnParallelLinear, RowParallelLinear):
-        cls(64, 64, quant_config=quant, prefix="proj")  # TP=1: built as before
+@pytest.mark.parametrize(
+    "name", ["gptq-llama-int8-g64", "gptq-qwen2-int4-asym-g-1", "awq-qwen2-int4-g32"]
+)
+def test_tp2_quantized_checkpoints_equal_tp1(
+    name: str, tmp_path: Path, tiny_tokenizer_dir: Path
+) -> None:
+    """GPTQModel's checkpoints cut over 2 ranks: packed words along the outputs (fused q/k/v
+    and gate/up parts included) and along the inputs, group rows of scales and zero points,
+    GPTQ's g_idx renumbered per rank; group size -1 keeps its one group on every rank."""
+    model = materialize(name, tmp_path / name, tiny_tokenizer_dir)
+    _check_cases(tmp_path, 2, {name: str(model)})
+
+
+def test_act_order_gptq_refuses_a_sharded_input(fake_tp_size: Any) -> None:
+    quant = GPTQConfig(4, 32, True, True)
     fake_tp_size(2)
-    for cls in (ColumnParallelLinear, RowParallelLinear):
-        with pytest.raises(NotImplementedError, match=r"^proj: \w+ weights cannot be sharded"):
-            cls(64, 64, quant_config=quant, prefix="proj")
+    ColumnParallelLinear(64, 64, quant_config=quant, prefix="proj")  # whole inputs: fine
+    with pytest.raises(NotImplementedError, match=r"^proj: act-order GPTQ with the input"):
+        RowParallelLinear(64, 64, quant_config=quant, prefix="proj")

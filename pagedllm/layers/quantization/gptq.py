@@ -130,6 +130,16 @@ class GPTQLinearMethod(WeightOnlyLinearMethod):
     def check_loaded(self, layer: nn.Module) -> None:
         groups = layer.scales.shape[0]
         g_idx = layer.g_idx
+        k = g_idx.shape[0]
+        if k != layer.input_size and g_idx.numel():
+            # A row-parallel rank (no act-order: create_weights refused it) holds input rows
+            # [rank * k, (rank + 1) * k) and the groups of just those rows; the checkpoint's
+            # g_idx numbers them globally: renumber from this rank's first group.
+            first = layer.tp_rank * k
+            group = layer.input_size if self.group_size == -1 else self.group_size
+            rows = torch.arange(first, first + k, device=g_idx.device)
+            if torch.equal(g_idx.long(), rows // group):
+                g_idx.data -= first // group
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
             raise ValueError(
                 f"{self._name(layer)}.g_idx has groups outside [0, {groups}) "

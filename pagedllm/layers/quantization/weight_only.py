@@ -62,6 +62,9 @@ class WeightOnlyLinearMethod(LinearMethodBase):
     """
 
     method_name = ""
+    # Cut per rank by the layers' loaders like dense weights (packed words and group rows
+    # follow their layout attributes); act-order GPTQ refuses a sharded input by name.
+    supports_tensor_parallel = True
 
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits = bits
