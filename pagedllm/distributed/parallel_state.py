@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+TP_GROUP_NAME = "pagedllm-tp"
+
 
 class TensorParallelGroup:
     """``world_size`` ranks that hold slices of one model; ``rank`` is this process's.
@@ -128,8 +130,16 @@ def init_tensor_parallel(
         torch.cuda.set_device(rank if device.index is None else device.index)
     if (init_method is None) == (store is None):
         raise ValueError("give exactly one of init_method and store")
+    # A fixed group name: torch numbers unnamed groups from a per-process counter, which an
+    # earlier start-up that failed half way (a rank that died before joining) has advanced on
+    # rank 0 only; the ranks would then look for each other under different store keys.
     dist.init_process_group(
-        backend, init_method=init_method, store=store, world_size=world_size, rank=rank
+        backend,
+        init_method=init_method,
+        store=store,
+        world_size=world_size,
+        rank=rank,
+        group_name=TP_GROUP_NAME,
     )
     _tp_group = TensorParallelGroup(rank, world_size)
     probe = torch.ones(1, device=torch.cuda.current_device() if device.type == "cuda" else "cpu")

@@ -45,7 +45,12 @@ from pagedllm.distributed import (
 )
 from pagedllm.engine.framing import BadMessageError, decode, encode, new_key
 from pagedllm.executor.base import Executor, register_executor
-from pagedllm.executor.worker_proc import CHECK_SAMPLES_ENV, WorkerArgs, run_worker
+from pagedllm.executor.worker_proc import (
+    CHECK_SAMPLES_ENV,
+    JOIN_TIMEOUT,
+    WorkerArgs,
+    run_worker,
+)
 from pagedllm.worker.model_runner import ForwardOutput, ModelRunner
 from pagedllm.worker.step_output import StepHandle
 
@@ -141,7 +146,9 @@ class MultiprocExecutor(Executor):
         self._replies.bind(f"{base}-reply")
         import torch.distributed as dist
 
-        store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False)
+        store = dist.TCPStore(
+            "127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=JOIN_TIMEOUT
+        )
         seed = secrets.randbits(63)
         kwargs = config.to_kwargs()
         kwargs["device"] = config.device_config.torch_device.type  # as rank 0 resolved it
@@ -198,31 +205,23 @@ class MultiprocExecutor(Executor):
         return f"ipc://{self._tmpdir}/{name}"
 
     def _join_group(self, store: Any, device: torch.device) -> None:
-        """Join the process group on a helper thread, so a worker that dies before joining
-        is reported instead of waited for."""
-        done: list[BaseException | None] = []
-
-        def join() -> None:
-            try:
-                init_tensor_parallel(0, self.world_size, device=device, store=store)
-                done.append(None)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                done.append(e)
-
-        thread = threading.Thread(target=join, name="pagedllm-tp-join", daemon=True)
-        thread.start()
+        """Join the process group once every worker has said it is joining too: a worker
+        that dies before that is reported instead of waited for (and no rendezvous is left
+        half done in this process, which would confuse the next one). A worker that dies
+        in the moment between is caught by the store's timeout."""
+        joining: set[int] = set()
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not done:
-            thread.join(0.05)
-            self._drain_replies()
+        while len(joining) < self.world_size - 1:
+            for msg in self._drain_replies(timeout_ms=20):
+                if msg[0] == "joining":
+                    joining.add(msg[1])
             if self._errors or self.health.failure:
                 raise RuntimeError("a tensor-parallel worker failed to start")
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"tensor-parallel ranks did not join within {START_TIMEOUT_S:.0f} s"
                 )
-        if done[0] is not None:
-            raise done[0]
+        init_tensor_parallel(0, self.world_size, device=device, store=store)
 
     def _wait_ready(self) -> None:
         ready: dict[int, int] = {}

@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import zmq
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_SAMPLES_ENV = "PAGEDLLM_TP_CHECK_SAMPLES"
 PARENT_POLL_S = 0.5
+JOIN_TIMEOUT = timedelta(seconds=120)  # the rendezvous store's, as rank 0 sets it
 
 
 @dataclass
@@ -79,7 +81,7 @@ def run_worker(args: WorkerArgs, parent_pid: int) -> None:
         replies.send(encode(msg, args.key))
 
     try:
-        runner = _start(args)
+        runner = _start(args, reply)
         reply(("ready", args.rank, runner.num_blocks))
         if _serve(runner, steps, reply, args):  # rank 0 said "shutdown": leave together
             from pagedllm.distributed import destroy_tensor_parallel
@@ -95,7 +97,7 @@ def run_worker(args: WorkerArgs, parent_pid: int) -> None:
     ctx.term()
 
 
-def _start(args: WorkerArgs) -> Any:
+def _start(args: WorkerArgs, reply: Any) -> Any:
     import torch
     import torch.distributed as dist
 
@@ -107,7 +109,10 @@ def _start(args: WorkerArgs) -> Any:
     device = config.device_config.torch_device
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
-    store = dist.TCPStore("127.0.0.1", args.store_port, args.world_size, is_master=False)
+    store = dist.TCPStore(
+        "127.0.0.1", args.store_port, args.world_size, is_master=False, timeout=JOIN_TIMEOUT
+    )
+    reply(("joining", args.rank))  # rank 0 joins only once every rank has said this
     init_tensor_parallel(args.rank, args.world_size, device=device, store=store)
     runner = ModelRunner(config)
     torch.manual_seed(args.seed)
