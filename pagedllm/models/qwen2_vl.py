@@ -35,7 +35,12 @@ from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import QuantizationConfig
-from pagedllm.models.llama import LlamaForCausalLM, LlamaMLP, check_tensor_parallel_split
+from pagedllm.models.llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    check_tensor_parallel_split,
+)
 from pagedllm.models.qwen2_vl_vision import Qwen2VisionTransformer
 
 
@@ -140,7 +145,9 @@ class Qwen2VLAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v.contiguous(), meta).flatten(1))
 
 
-class Qwen2VLDecoderLayer(nn.Module):
+class Qwen2VLDecoderLayer(LlamaDecoderLayer):
+    """Llama's pre-norm block (its ``forward``), with the M-RoPE attention."""
+
     def __init__(
         self,
         cfg: ArchitectureConfig,
@@ -148,27 +155,11 @@ class Qwen2VLDecoderLayer(nn.Module):
         quant_config: QuantizationConfig | None,
         prefix: str,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # the same submodules as Llama's, but this attention
         self.self_attn = Qwen2VLAttention(cfg, rotary, quant_config, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(cfg, quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
 
 
 class Qwen2VLTextModel(nn.Module):
