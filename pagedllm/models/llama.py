@@ -34,6 +34,33 @@ from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.layers.rotary import RotaryEmbedding
 
 
+def attention_projections(
+    cfg: ArchitectureConfig,
+    qkv_bias: bool,
+    o_bias: bool,
+    quant_config: QuantizationConfig | None,
+    prefix: str,
+) -> tuple[QKVParallelLinear, RowParallelLinear]:
+    """The fused q/k/v projection and the output projection of one attention block."""
+    qkv = QKVParallelLinear(
+        cfg.hidden_size,
+        cfg.head_dim,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        bias=qkv_bias,
+        quant_config=quant_config,
+        prefix=f"{prefix}.qkv_proj",
+    )
+    o = RowParallelLinear(
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.hidden_size,
+        bias=o_bias,
+        quant_config=quant_config,
+        prefix=f"{prefix}.o_proj",
+    )
+    return qkv, o
+
+
 class LlamaAttention(nn.Module):
     """Fused q/k/v projection, attention through the backend (rotary, optional q/k norm),
     output projection."""
@@ -48,21 +75,8 @@ class LlamaAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size,
-            self.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            bias=qkv_bias,
-            quant_config=quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
-        self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * self.head_dim,
-            cfg.hidden_size,
-            bias=cfg.attention_bias,
-            quant_config=quant_config,
-            prefix=f"{prefix}.o_proj",
+        self.qkv_proj, self.o_proj = attention_projections(
+            cfg, qkv_bias, cfg.attention_bias, quant_config, prefix
         )
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None

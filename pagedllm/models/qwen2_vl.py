@@ -32,13 +32,13 @@ from pagedllm.distributed import get_tp_size
 from pagedllm.layers.attention.backend import AttentionMetadata
 from pagedllm.layers.attention.layer import Attention
 from pagedllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import QuantizationConfig
 from pagedllm.models.llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
+    attention_projections,
     check_tensor_parallel_split,
 )
 from pagedllm.models.qwen2_vl_vision import Qwen2VisionTransformer
@@ -111,22 +111,7 @@ class Qwen2VLAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size,
-            self.head_dim,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            bias=True,
-            quant_config=quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
-        self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * self.head_dim,
-            cfg.hidden_size,
-            bias=False,
-            quant_config=quant_config,
-            prefix=f"{prefix}.o_proj",
-        )
+        self.qkv_proj, self.o_proj = attention_projections(cfg, True, False, quant_config, prefix)
         self.rotary = rotary  # one table for every layer
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
